@@ -1,0 +1,11 @@
+"""Word-level LSTM language models with PyTorch Lightning and Hydra."""
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# `${project_root:}` in conf/ puts shared files (the PTB download, the token cache) under the
+# repository whatever directory a run starts from.
+OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)

@@ -1,0 +1,152 @@
+"""PTB as contiguous streams read in `num_steps` windows (design.md, "Data" and "Many devices")."""
+
+import logging
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lm.corpus import Corpus, load_corpus
+from lm.errors import UserError
+from lm.ptb import URL, ensure_ptb
+
+log = logging.getLogger(__name__)
+
+
+def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(batch_size, tokens_per_stream): row b is the b-th contiguous slice of the text."""
+    tokens_per_stream = len(ids) // batch_size
+    return ids[: batch_size * tokens_per_stream].view(batch_size, tokens_per_stream)
+
+
+class WindowDataset(Dataset):
+    """Window i of the streams: x = streams[:, i*T:(i+1)*T] and y = x shifted by one token.
+
+    Training keeps only full windows; evaluation also takes the last, shorter one so that every
+    target of the split is scored exactly once.
+    """
+
+    def __init__(self, streams: torch.Tensor, num_steps: int, full_windows_only: bool):
+        self.streams = streams
+        self.num_steps = num_steps
+        targets_per_stream = streams.size(1) - 1
+        if full_windows_only:
+            self.num_windows = targets_per_stream // num_steps
+        else:
+            self.num_windows = -(-targets_per_stream // num_steps)
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < self.num_windows:
+            raise IndexError(i)
+        start = i * self.num_steps
+        end = min(start + self.num_steps, self.streams.size(1) - 1)
+        return self.streams[:, start:end], self.streams[:, start + 1 : end + 1]
+
+
+class PTBDataModule(L.LightningDataModule):
+    """The three PTB splits as in-order windows; each rank reads its own contiguous rows.
+
+    `batch_size` is the global number of streams, so results do not depend on the device count.
+    """
+
+    def __init__(
+        self,
+        dir: str,
+        cache_dir: str,
+        batch_size: int = 20,
+        num_steps: int = 20,
+        eval_batch_size: int = 20,
+        test_batch_size: int = 1,
+        test_num_steps: int = 200,
+        url: str = URL,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        self.dir = Path(dir).expanduser()
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.batch_size = batch_size
+        self.num_steps = num_steps
+        self.eval_batch_size = eval_batch_size
+        self.test_batch_size = test_batch_size
+        self.test_num_steps = test_num_steps
+        self.url = url
+        self.pin_memory = pin_memory
+        self.streams: dict[str, torch.Tensor] = {}
+
+    @cached_property
+    def corpus(self) -> Corpus:
+        corpus = load_corpus(ensure_ptb(self.dir, self.url), self.cache_dir)
+        unknown = corpus.unknown_counts()
+        for name, ids in corpus.splits.items():
+            if len(ids) == 0:
+                raise UserError(f"The {name} split in {self.dir} (data.dir) holds no tokens.")
+            log.info("%s: %d tokens, %.2f%% <unk>", name, len(ids), 100 * unknown[name] / len(ids))
+        log.info("vocabulary: %d types, from the train split of %s", len(corpus.vocab), self.dir)
+        return corpus
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.corpus.vocab)
+
+    def prepare_data(self) -> None:
+        """Download, verify and cache once, before the ranks read the corpus."""
+        self.corpus  # noqa: B018 (the property does the work)
+
+    def setup(self, stage: str) -> None:
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sizes = {
+            "train": (self.batch_size, self.num_steps, "data.batch_size", "data.num_steps"),
+            "valid": (self.eval_batch_size, self.num_steps, "data.eval_batch_size", "data.num_steps"),
+            "test": (
+                self.test_batch_size,
+                self.test_num_steps,
+                "data.test_batch_size",
+                "data.test_num_steps",
+            ),
+        }
+        for split, (batch_size, num_steps, batch_key, steps_key) in sizes.items():
+            if batch_size < 1 or num_steps < 1:
+                raise UserError(f"{batch_key}={batch_size} and {steps_key}={num_steps} must be at least 1.")
+            streams = batchify(self.corpus.splits[split], batch_size)
+            needed = num_steps + 1 if split == "train" else 2
+            if streams.size(1) < needed:
+                raise UserError(
+                    f"The {split} split of {self.dir} has {len(self.corpus.splits[split])} tokens: "
+                    f"{batch_key}={batch_size} streams of {streams.size(1)} tokens, too short for "
+                    f"one window of {steps_key}={num_steps}. Lower {batch_key} or {steps_key}."
+                )
+            self.streams[split] = self._rows_of_rank(streams, rank, world_size, split, batch_key)
+
+    def _rows_of_rank(
+        self, streams: torch.Tensor, rank: int, world_size: int, split: str, batch_key: str
+    ) -> torch.Tensor:
+        # The batch-1 test protocol cannot be split: every rank scores the whole test stream and
+        # the summed NLL and target counts then give the same perplexity.
+        if split == "test":
+            return streams
+        if streams.size(0) % world_size:
+            raise UserError(
+                f"{batch_key}={streams.size(0)} streams do not divide among {world_size} processes; "
+                f"choose a multiple of {world_size}."
+            )
+        rows = streams.size(0) // world_size
+        return streams[rank * rows : (rank + 1) * rows]
+
+    def _loader(self, split: str, num_steps: int, full_windows_only: bool) -> DataLoader:
+        # batch_size=None: each item already is a (streams, num_steps) window; never shuffled.
+        dataset = WindowDataset(self.streams[split], num_steps, full_windows_only)
+        return DataLoader(dataset, batch_size=None, shuffle=False, pin_memory=self.pin_memory)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.num_steps, full_windows_only=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", self.num_steps, full_windows_only=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.test_num_steps, full_windows_only=False)

@@ -1,0 +1,120 @@
+"""Truncated-BPTT training and exact evaluation of the LSTM LM (design.md, "Model and training")."""
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.optim import SGD
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+
+from lm.model import LSTMLanguageModel, State
+
+
+class LanguageModel(L.LightningModule):
+    """Carries the LSTM state across windows, detached; evaluation keeps a state of its own."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int = 200,
+        num_layers: int = 2,
+        dropout: float = 0.0,
+        init_scale: float = 0.1,
+        tie_weights: bool = False,
+        lr: float = 1.0,
+        lr_decay: float = 0.5,
+        decay_after: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, init_scale, tie_weights)
+        self.train_state: State | None = None
+        self.eval_state: State | None = None
+        # Exact perplexity needs summed NLL and summed target counts, reduced over ranks in float64.
+        # NaN checks are off: they would sync with the GPU every step, and a NaN must show anyway.
+        self.train_nll = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
+        self.val_nll = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
+        self.val_acc = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
+        self.test_nll = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
+        self.test_acc = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
+
+    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        return self.net(x, state)
+
+    # --- training -------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self.train_state = None  # zero state at every epoch start
+        self.train_nll.reset()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits, state = self.net(x, self.train_state)
+        self.train_state = (state[0].detach(), state[1].detach())  # truncated BPTT
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+        # Summed over the time steps, averaged over the streams: the scale at which lr 1.0 and
+        # clipping at 5 reproduce the paper.
+        loss = nll / x.size(0)
+
+        token_nll = nll.detach() / y.numel()
+        self.train_nll.update(token_nll, weight=y.numel())
+        # The running perplexity of this epoch on this rank, read from the metric's local sums
+        # so that the progress bar never triggers a cross-rank reduction.
+        running_nll = self.train_nll.mean_value / self.train_nll.weight
+        self.log("train/loss", token_nll)
+        self.log("train/ppl", running_nll.exp(), prog_bar=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/epoch_ppl", self.train_nll.compute().exp())
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        # Lightning's own norm clipping does not report the norm; clipping here logs it for free.
+        if gradient_clip_algorithm == "value":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        max_norm = gradient_clip_val if gradient_clip_val else math.inf
+        self.log("train/grad_norm", torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = SGD(self.parameters(), lr=hp.lr)
+        # lr for 0-based epoch e: lr0 * decay ** max(e + 1 - decay_after, 0)
+        schedule = LambdaLR(optimizer, lambda epoch: hp.lr_decay ** max(epoch + 1 - hp.decay_after, 0))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": schedule, "interval": "epoch", "name": "lr"},
+        }
+
+    # --- evaluation: state carried over the whole split, every target counted once -------------
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], nll: MeanMetric, acc: MeanMetric) -> None:
+        x, y = batch
+        logits, self.eval_state = self.net(x, self.eval_state)
+        nll.update(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none"))
+        acc.update((logits.argmax(-1) == y).flatten())
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_state = None
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_nll, self.val_acc)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/ppl", self.val_nll.compute().exp(), prog_bar=True)
+        self.log("val/acc", self.val_acc.compute())
+        self.val_nll.reset()
+        self.val_acc.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_state = None
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_nll, self.test_acc)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/ppl", self.test_nll.compute().exp())
+        self.log("test/acc", self.test_acc.compute())
+        self.test_nll.reset()
+        self.test_acc.reset()
