@@ -1,0 +1,70 @@
+"""Shared fixtures: the real PTB when present, small generated corpora, and train.py runs."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm import PROJECT_ROOT
+
+# The test models are tiny: a second thread only waits on the first (and on a busy machine far worse).
+torch.set_num_threads(1)
+
+
+def write_corpus(folder: Path, lines: dict[str, list[str]]) -> Path:
+    """Write ptb.<split>.txt files (PTB's layout: a leading and a trailing space per line)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, split_lines in lines.items():
+        (folder / f"ptb.{split}.txt").write_text("".join(f" {line} \n" for line in split_lines))
+    return folder
+
+
+def random_lines(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = "the cat dog sat on mat a big small red".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(count)]
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    """About 17k / 1.7k / 1.7k tokens of random words: enough for a few windows of every split."""
+    return write_corpus(
+        tmp_path / "tiny",
+        {"train": random_lines(2000, 0), "valid": random_lines(200, 1), "test": random_lines(200, 2)},
+    )
+
+
+@pytest.fixture(scope="session")
+def ptb_dir() -> Path:
+    path = Path(os.environ.get("PTB_DIR", PROJECT_ROOT.parent / "shared" / "data" / "ptb"))
+    if not (path / "ptb.train.txt").exists():
+        pytest.skip(f"PTB is not at {path}; set PTB_DIR to a folder holding ptb.{{train,valid,test}}.txt")
+    return path
+
+
+# Small enough that a run on the tiny corpus takes seconds.
+TINY_RUN = [
+    "model.hidden_size=16",
+    "data.batch_size=8",
+    "data.num_steps=20",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+def run_train(*overrides: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
+    """`python train.py` as a user runs it, in a subprocess; its log is in `.stdout`."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "train.py"), *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

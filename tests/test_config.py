@@ -1,0 +1,73 @@
+"""The composed configuration: presets as design.md's table, every Trainer argument, trainer.gpus."""
+
+import inspect
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from lm import PROJECT_ROOT
+from lm.errors import UserError
+from lm.trainer import trainer_arguments
+
+
+def compose_config(*overrides: str):
+    """The config train.py would get, with `${hydra:...}` resolvable as in a real run."""
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+# design.md's preset table: layers, hidden, num_steps, init, dropout, epochs, decay after, decay, clip
+TABLE = {
+    "small": (2, 200, 20, 0.1, 0.0, 13, 4, 0.5, 5),
+    "medium": (2, 650, 35, 0.05, 0.5, 39, 6, 1 / 1.2, 5),
+    "large": (2, 1500, 35, 0.04, 0.65, 55, 14, 1 / 1.15, 10),
+}
+
+
+@pytest.mark.parametrize("preset", TABLE)
+def test_presets_compose_to_the_papers_values(preset):
+    cfg = compose_config(f"model={preset}")
+    layers, hidden, num_steps, init, dropout, epochs, decay_after, decay, clip = TABLE[preset]
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.data.num_steps) == (layers, hidden, num_steps)
+    assert (cfg.model.init_scale, cfg.model.dropout, cfg.trainer.max_epochs) == (init, dropout, epochs)
+    assert (cfg.model.decay_after, cfg.model.lr_decay) == (decay_after, decay)
+    assert cfg.trainer.gradient_clip_val == clip
+    assert (cfg.data.batch_size, cfg.model.lr, cfg.model.tie_weights) == (20, 1.0, False)
+    assert (cfg.data.eval_batch_size, cfg.data.test_batch_size) == (20, 1)
+
+
+def test_the_default_is_the_small_preset():
+    assert compose_config().model == compose_config("model=small").model
+
+
+def test_every_trainer_argument_can_be_overridden():
+    arguments = set(inspect.signature(L.Trainer).parameters) - {"logger", "callbacks"}
+    assert set(compose_config().trainer) == arguments | {"gpus"}
+    assert compose_config("trainer.max_steps=7").trainer.max_steps == 7
+
+
+def test_gpus_means_gpu_devices(monkeypatch):
+    trainer = compose_config("trainer.gpus=2").trainer
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    arguments = trainer_arguments(trainer)
+    assert (arguments["accelerator"], arguments["devices"], arguments["strategy"]) == ("gpu", 2, "auto")
+    assert "gpus" not in arguments  # Lightning 2 would reject it
+
+
+def test_gpus_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"trainer.gpus=2 asks for GPUs but PyTorch sees none"):
+        trainer_arguments(compose_config("trainer.gpus=2").trainer)
+
+
+def test_no_gpus_leaves_the_trainer_arguments_alone():
+    trainer = compose_config("trainer.gpus=0").trainer
+    expected = OmegaConf.to_container(trainer, resolve=True)
+    del expected["gpus"]
+    assert trainer_arguments(trainer) == expected
