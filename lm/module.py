@@ -12,6 +12,20 @@ from torchmetrics import MeanMetric
 from lm.model import LSTMLanguageModel, State
 
 
+class Perplexity(MeanMetric):
+    """exp(summed NLL / number of targets), both sums in float64 and reduced over ranks (design.md).
+
+    No NaN check: it would synchronise with the GPU every step, and a NaN must show anyway.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(nan_strategy="disable")
+        self.set_dtype(torch.float64)
+
+    def compute(self) -> torch.Tensor:
+        return super().compute().exp()
+
+
 class LanguageModel(L.LightningModule):
     """Carries the LSTM state across windows, detached; evaluation keeps a state of its own."""
 
@@ -32,13 +46,9 @@ class LanguageModel(L.LightningModule):
         self.net = LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, init_scale, tie_weights)
         self.train_state: State | None = None
         self.eval_state: State | None = None
-        # Exact perplexity needs summed NLL and summed target counts, reduced over ranks in float64.
-        # NaN checks are off: they would sync with the GPU every step, and a NaN must show anyway.
-        self.train_nll = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
-        self.val_nll = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
-        self.val_acc = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
-        self.test_nll = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
-        self.test_acc = MeanMetric(nan_strategy="disable").set_dtype(torch.float64)
+
+        self.train_ppl, self.val_ppl, self.test_ppl = Perplexity(), Perplexity(), Perplexity()
+        self.val_acc, self.test_acc = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         return self.net(x, state)
@@ -46,7 +56,6 @@ class LanguageModel(L.LightningModule):
     # --- training -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self.train_state = None  # zero state at every epoch start
-        self.train_nll.reset()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -58,16 +67,14 @@ class LanguageModel(L.LightningModule):
         loss = nll / x.size(0)
 
         token_nll = nll.detach() / y.numel()
-        self.train_nll.update(token_nll, weight=y.numel())
-        # The running perplexity of this epoch on this rank, read from the metric's local sums
-        # so that the progress bar never triggers a cross-rank reduction.
-        running_nll = self.train_nll.mean_value / self.train_nll.weight
+        self.train_ppl.update(token_nll, weight=y.numel())
         self.log("train/loss", token_nll)
+        # The running perplexity of the epoch on this rank, from the metric's local sums, so that
+        # the progress bar never triggers a cross-rank reduction; the exact one per epoch.
+        running_nll = self.train_ppl.mean_value / self.train_ppl.weight
         self.log("train/ppl", running_nll.exp(), prog_bar=True)
+        self.log("train/epoch_ppl", self.train_ppl, on_step=False, on_epoch=True)
         return loss
-
-    def on_train_epoch_end(self) -> None:
-        self.log("train/epoch_ppl", self.train_nll.compute().exp())
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -89,32 +96,24 @@ class LanguageModel(L.LightningModule):
         }
 
     # --- evaluation: state carried over the whole split, every target counted once -------------
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], nll: MeanMetric, acc: MeanMetric) -> None:
-        x, y = batch
-        logits, self.eval_state = self.net(x, self.eval_state)
-        nll.update(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none"))
-        acc.update((logits.argmax(-1) == y).flatten())
-
     def on_validation_epoch_start(self) -> None:
         self.eval_state = None
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_nll, self.val_acc)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("val/ppl", self.val_nll.compute().exp(), prog_bar=True)
-        self.log("val/acc", self.val_acc.compute())
-        self.val_nll.reset()
-        self.val_acc.reset()
 
     def on_test_epoch_start(self) -> None:
         self.eval_state = None
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_nll, self.test_acc)
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_ppl, self.val_acc)
+        self.log("val/ppl", self.val_ppl, prog_bar=True)
+        self.log("val/acc", self.val_acc)
 
-    def on_test_epoch_end(self) -> None:
-        self.log("test/ppl", self.test_nll.compute().exp())
-        self.log("test/acc", self.test_acc.compute())
-        self.test_nll.reset()
-        self.test_acc.reset()
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_ppl, self.test_acc)
+        self.log("test/ppl", self.test_ppl)
+        self.log("test/acc", self.test_acc)
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], ppl: Perplexity, acc: MeanMetric) -> None:
+        x, y = batch
+        logits, self.eval_state = self.net(x, self.eval_state)
+        ppl.update(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none"))
+        acc.update((logits.argmax(-1) == y).flatten())
