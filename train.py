@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -26,9 +27,12 @@ from lm.errors import UserError
 from lm.trainer import build_trainer
 
 log = logging.getLogger("train")
+# Lightning 2.6 calls a torch API that torch 2.13 deprecates; nothing for a user to act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 
 def train(cfg: DictConfig) -> dict:
+    """Fit, test the best checkpoint, and write metrics.json (rank 0); returns the metrics."""
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -49,7 +53,7 @@ def train(cfg: DictConfig) -> dict:
 
     throughput = next(c for c in trainer.callbacks if isinstance(c, TokensPerSecond))
     val_ppl = trainer.checkpoint_callback.best_model_score if best else trainer.callback_metrics["val/ppl"]
-    return {
+    metrics = {
         "val_ppl": float(val_ppl),
         "test_ppl": test["test/ppl"],
         "test_acc": test["test/acc"],
@@ -57,22 +61,21 @@ def train(cfg: DictConfig) -> dict:
         "train_tokens_per_sec": throughput.tokens_per_sec,
         "wall_seconds": time.perf_counter() - started,
         "best_checkpoint": best,
-        "is_global_zero": trainer.is_global_zero,
     }
+    if trainer.is_global_zero:
+        path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info("val ppl %.2f, test ppl %.2f; %s", metrics["val_ppl"], metrics["test_ppl"], path)
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     try:
-        metrics = train(cfg)
+        return train(cfg)["val_ppl"]
     except UserError as error:
         log.error("%s", error)
         sys.exit(1)
-    if metrics.pop("is_global_zero"):
-        path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
-        path.write_text(json.dumps(metrics, indent=2) + "\n")
-        log.info("val ppl %.2f, test ppl %.2f; %s", metrics["val_ppl"], metrics["test_ppl"], path)
-    return metrics["val_ppl"]
 
 
 if __name__ == "__main__":
