@@ -51,14 +51,14 @@ def train(cfg: DictConfig) -> dict:
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
 
-    throughput = next(c for c in trainer.callbacks if isinstance(c, TokensPerSecond))
+    throughput = next((c for c in trainer.callbacks if isinstance(c, TokensPerSecond)), None)
     val_ppl = trainer.checkpoint_callback.best_model_score if best else trainer.callback_metrics["val/ppl"]
     metrics = {
         "val_ppl": float(val_ppl),
         "test_ppl": test["test/ppl"],
         "test_acc": test["test/acc"],
         "epochs": trainer.current_epoch,
-        "train_tokens_per_sec": throughput.tokens_per_sec,
+        "train_tokens_per_sec": throughput.tokens_per_sec if throughput else None,
         "wall_seconds": time.perf_counter() - started,
         "best_checkpoint": best,
     }

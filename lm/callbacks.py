@@ -17,7 +17,7 @@ class TokensPerSecond(L.Callback):
         self.total_tokens = 0  # over all ranks
         self.total_seconds = 0.0  # training only
         self._started: float | None = None  # the clock runs between _resume and _pause
-        self._paused_for_validation = False
+        self._epoch_start = self._interval_start = (0, 0.0)  # (tokens, seconds) at those points
 
     @property
     def tokens_per_sec(self) -> float:
@@ -47,6 +47,12 @@ class TokensPerSecond(L.Callback):
         self._epoch_start = self._interval_start = (self.total_tokens, self.total_seconds)
         self._resume()
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx
+    ) -> None:
+        if self._started is None:  # after a validation, and whatever was saved after it
+            self._resume()
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
     ) -> None:
@@ -57,12 +63,7 @@ class TokensPerSecond(L.Callback):
             )
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._paused_for_validation = self._started is not None
         self._pause()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._paused_for_validation:
-            self._resume()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pause()

@@ -85,7 +85,8 @@ class PTBDataModule(L.LightningDataModule):
         for name, ids in corpus.splits.items():
             if len(ids) == 0:
                 raise UserError(f"The {name} split in {self.dir} (data.dir) holds no tokens.")
-            log.info("%s: %d tokens, %.2f%% <unk>", name, len(ids), 100 * unknown[name] / len(ids))
+            share = 100 * unknown[name] / len(ids)
+            log.info("%s: %d tokens, %d of them <unk> (%.2f%%)", name, len(ids), unknown[name], share)
         log.info("vocabulary: %d types, from the train split of %s", len(corpus.vocab), self.dir)
         return corpus
 
@@ -94,7 +95,10 @@ class PTBDataModule(L.LightningDataModule):
         return len(self.corpus.vocab)
 
     def prepare_data(self) -> None:
-        """Download, verify and cache once, before the ranks read the corpus."""
+        """Download, verify and cache on one process per node before the others read the corpus.
+
+        (train.py reads `vocab_size` first, which already did it.)
+        """
         self.corpus  # noqa: B018 (the property does the work)
 
     def setup(self, stage: str) -> None:

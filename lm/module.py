@@ -7,23 +7,30 @@ import torch
 import torch.nn.functional as F
 from torch.optim import SGD
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
 from lm.model import LSTMLanguageModel, State
 
 
-class Perplexity(MeanMetric):
-    """exp(summed NLL / number of targets), both sums in float64 and reduced over ranks (design.md).
+class Perplexity(Metric):
+    """exp(summed NLL / number of targets), both sums kept in float64 and summed over ranks.
 
-    No NaN check: it would synchronise with the GPU every step, and a NaN must show anyway.
+    Never a mean of per-window perplexities or losses: windows differ in size (design.md).
     """
 
+    full_state_update = False
+
     def __init__(self) -> None:
-        super().__init__(nan_strategy="disable")
-        self.set_dtype(torch.float64)
+        super().__init__()
+        self.add_state("nll_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, nll_sum: torch.Tensor, count: int) -> None:
+        self.nll_sum += nll_sum.detach()
+        self.count += count
 
     def compute(self) -> torch.Tensor:
-        return super().compute().exp()
+        return torch.exp(self.nll_sum / self.count)
 
 
 class LanguageModel(L.LightningModule):
@@ -46,8 +53,8 @@ class LanguageModel(L.LightningModule):
         self.net = LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, init_scale, tie_weights)
         self.train_state: State | None = None
         self.eval_state: State | None = None
-
         self.train_ppl, self.val_ppl, self.test_ppl = Perplexity(), Perplexity(), Perplexity()
+        # Per-token values, so an unweighted mean is exact; no NaN check, which would sync a GPU.
         self.val_acc, self.test_acc = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
@@ -66,13 +73,11 @@ class LanguageModel(L.LightningModule):
         # clipping at 5 reproduce the paper.
         loss = nll / x.size(0)
 
-        token_nll = nll.detach() / y.numel()
-        self.train_ppl.update(token_nll, weight=y.numel())
-        self.log("train/loss", token_nll)
-        # The running perplexity of the epoch on this rank, from the metric's local sums, so that
-        # the progress bar never triggers a cross-rank reduction; the exact one per epoch.
-        running_nll = self.train_ppl.mean_value / self.train_ppl.weight
-        self.log("train/ppl", running_nll.exp(), prog_bar=True)
+        self.train_ppl.update(nll, y.numel())
+        self.log("train/loss", nll.detach() / y.numel())  # per token, comparable across num_steps
+        # Running perplexity of this epoch on this rank (no cross-rank reduction every step);
+        # the exact, reduced one is train/epoch_ppl.
+        self.log("train/ppl", torch.exp(self.train_ppl.nll_sum / self.train_ppl.count), prog_bar=True)
         self.log("train/epoch_ppl", self.train_ppl, on_step=False, on_epoch=True)
         return loss
 
@@ -86,10 +91,12 @@ class LanguageModel(L.LightningModule):
         self.log("train/grad_norm", torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm))
 
     def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = SGD(self.parameters(), lr=hp.lr)
+        hparams = self.hparams
+        optimizer = SGD(self.parameters(), lr=hparams.lr)
         # lr for 0-based epoch e: lr0 * decay ** max(e + 1 - decay_after, 0)
-        schedule = LambdaLR(optimizer, lambda epoch: hp.lr_decay ** max(epoch + 1 - hp.decay_after, 0))
+        schedule = LambdaLR(
+            optimizer, lambda epoch: hparams.lr_decay ** max(epoch + 1 - hparams.decay_after, 0)
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": schedule, "interval": "epoch", "name": "lr"},
@@ -115,5 +122,5 @@ class LanguageModel(L.LightningModule):
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], ppl: Perplexity, acc: MeanMetric) -> None:
         x, y = batch
         logits, self.eval_state = self.net(x, self.eval_state)
-        ppl.update(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none"))
+        ppl.update(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"), y.numel())
         acc.update((logits.argmax(-1) == y).flatten())

@@ -53,18 +53,19 @@ def _download(splits: list[str], files: dict[str, Path], url: str) -> None:
     wanted = ", ".join(files[split].name for split in splits)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.TemporaryDirectory(dir=data_dir)
     except OSError as error:
         raise UserError(
-            f"PTB files missing ({wanted}) and {data_dir} cannot be created ({error.strerror}). "
+            f"PTB files missing ({wanted}) and {data_dir} is not writable ({error.strerror}). "
             "Set data.dir=PATH or PTB_DIR to a folder holding ptb.{train,valid,test}.txt."
         ) from error
     log.info("Downloading %s from %s into %s", wanted, url, data_dir)
-    with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
-        archive = Path(tmp) / "simple-examples.tgz"
+    with tmp:
+        archive = Path(tmp.name) / "simple-examples.tgz"
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
                 shutil.copyfileobj(response, f)
-            members = _extract(archive, splits, files, Path(tmp))
+            members = _extract(archive, splits, files, Path(tmp.name))
         except (OSError, tarfile.TarError) as error:
             raise UserError(
                 f"PTB files missing in {data_dir} ({wanted}) and the download from {url} failed "

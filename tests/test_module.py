@@ -1,6 +1,7 @@
 """design.md, "Model and training" and "Perplexity": state carry, loss scale, schedule, exact ppl."""
 
 import math
+import warnings
 from itertools import pairwise
 
 import lightning as L
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lm.data import PTBDataModule
-from lm.module import LanguageModel
+from lm.module import LanguageModel, Perplexity
 
 
 def tiny_setup(corpus_dir, tmp_path, **data):
@@ -65,7 +66,8 @@ def test_loss_is_summed_over_time_and_averaged_over_streams(tiny_corpus, tmp_pat
     x, y = next(iter(datamodule.train_dataloader()))
     logits, _ = model.net(x)
     expected = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)) * 10
-    with pytest.warns(UserWarning, match="self.log"):  # no Trainer here to log to
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log has no Trainer to log to here
         assert torch.allclose(model.training_step((x, y), 0), expected)
 
 
@@ -83,14 +85,24 @@ def test_test_perplexity_equals_a_token_by_token_batch_1_loop(tiny_corpus, tmp_p
     assert result["test/ppl"] == pytest.approx(math.exp(total_nll / (len(ids) - 1)), rel=1e-5)
 
 
-@pytest.mark.parametrize(("lr_decay", "decay_after"), [(0.5, 4), (1 / 1.2, 6), (1 / 1.15, 14)])
-def test_learning_rate_decays_per_epoch_after_decay_after(lr_decay, decay_after):
-    model = LanguageModel(vocab_size=5, hidden_size=4, lr=1.0, lr_decay=lr_decay, decay_after=decay_after)
-    schedule = model.configure_optimizers()["lr_scheduler"]["scheduler"]
-    rates = []
-    for _ in range(20):
-        rates.append(schedule.get_last_lr()[0])
-        schedule.optimizer.step()
-        schedule.step()
-    assert rates == pytest.approx([lr_decay ** max(e + 1 - decay_after, 0) for e in range(20)])
-    assert rates[decay_after - 1] == 1.0 and rates[decay_after] == pytest.approx(lr_decay)
+def test_learning_rate_decays_once_per_epoch_after_decay_after(tiny_corpus, tmp_path):
+    datamodule, _ = tiny_setup(tiny_corpus, tmp_path, batch_size=4, num_steps=10)
+    model = LanguageModel(datamodule.vocab_size, hidden_size=8, lr=1.0, lr_decay=0.5, decay_after=3)
+    rates = []  # (epoch, lr) at the first and the last step of every epoch
+
+    class RecordLearningRate(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            rates.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
+
+    quiet_trainer(
+        max_epochs=6, limit_train_batches=3, limit_val_batches=1, callbacks=[RecordLearningRate()]
+    ).fit(model, datamodule=datamodule)
+    expected = [0.5 ** max(epoch + 1 - 3, 0) for epoch in range(6)]  # 1, 1, 1, 0.5, 0.25, 0.125
+    assert rates == [(epoch, lr) for epoch, lr in enumerate(expected) for _ in range(3)]
+
+
+def test_perplexity_weighs_every_target_not_every_window():
+    ppl = Perplexity()
+    ppl.update(torch.tensor(2.0 * 30), 30)  # a full window of 30 targets with mean NLL 2
+    ppl.update(torch.tensor(5.0 * 3), 3)  # a last, short window of 3 targets with mean NLL 5
+    assert ppl.compute().item() == pytest.approx(math.exp((60 + 15) / 33))

@@ -5,7 +5,9 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lm.ptb import MD5
 from tests.conftest import TINY_RUN, run_train, write_corpus
+from tests.test_ptb import make_archive
 
 
 def train_tiny(corpus, run_dir, *overrides):
@@ -38,6 +40,10 @@ def test_a_run_writes_metrics_tensorboard_and_checkpoints(tiny_corpus, tmp_path)
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert len(checkpoints) == 2 and "last.ckpt" in checkpoints
     assert metrics["best_checkpoint"].endswith(f"val_ppl{metrics['val_ppl']:.2f}.ckpt")
+    assert (
+        f"Restoring states from the checkpoint path at {metrics['best_checkpoint']}"
+        in result.stdout + result.stderr
+    )
 
 
 def test_the_same_seed_gives_the_same_numbers(tiny_corpus, tmp_path):
@@ -52,6 +58,7 @@ def test_the_same_seed_gives_the_same_numbers(tiny_corpus, tmp_path):
     [
         (["data.url=file:///nowhere/simple-examples.tgz"], "Put ptb.train.txt, ptb.valid.txt and"),
         (["data.num_steps=100000"], "too short for one window of data.num_steps=100000"),
+        (["data.batch_size=100000"], "data.batch_size=100000 streams of 0 tokens, too short"),
         (["data.batch_size=0"], "data.batch_size=0 and data.num_steps=20 must be at least 1"),
         (["trainer.gpus=1"], "trainer.gpus=1 asks for GPUs but PyTorch sees none"),
     ],
@@ -68,3 +75,12 @@ def test_an_empty_split_exits_with_a_message_naming_it(tmp_path):
     result = train_tiny(corpus, tmp_path / "run")
     assert result.returncode == 1
     assert f"The valid split in {corpus} (data.dir) holds no tokens" in result.stdout
+
+
+def test_a_download_failing_its_checksum_exits_with_a_message(tmp_path):
+    fake = write_corpus(tmp_path / "fake", {"train": ["a"], "valid": ["b"], "test": ["c"]})
+    url = make_archive(tmp_path / "simple-examples.tgz", {s: fake / f"ptb.{s}.txt" for s in MD5})
+    result = train_tiny(tmp_path / "data", tmp_path / "run", f"data.url={url}")
+    assert result.returncode == 1
+    assert "Downloaded ptb.train.txt" in result.stdout and "fails its MD5 check" in result.stdout
+    assert not (tmp_path / "data" / "ptb.train.txt").exists()
