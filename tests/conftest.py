@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -49,6 +50,21 @@ def ptb_dir() -> Path:
     if not (path / "ptb.train.txt").exists():
         pytest.skip(f"no PTB at {path}: run `python train.py` once, or set PTB_DIR")
     return path
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    """An in-process CPU Trainer that writes nothing and prints little."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
 
 
 # Small enough that a run on the tiny corpus takes seconds.

@@ -6,7 +6,7 @@ import lightning as L
 
 from lm.data import PTBDataModule
 from lm.module import LanguageModel
-from tests.conftest import write_corpus
+from tests.conftest import quiet_trainer, write_corpus
 
 # Each line has 8 words; the word at position i is p{i}a or p{i}b, uniformly at random, and
 # <eos> surely follows the last one: 8 bits over 9 targets per line.
@@ -28,15 +28,7 @@ def test_validation_perplexity_approaches_the_true_perplexity(tmp_path):
         dir=folder, cache_dir=tmp_path / "cache", url="file:///nowhere", batch_size=8, num_steps=10
     )
     model = LanguageModel(datamodule.vocab_size, hidden_size=32, init_scale=0.1, lr=1.0, decay_after=2)
-    trainer = L.Trainer(
-        max_epochs=3,
-        gradient_clip_val=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
+    trainer = quiet_trainer(max_epochs=3, gradient_clip_val=5)
     trainer.fit(model, datamodule=datamodule)  # 3 x 224 steps
     val_ppl = trainer.callback_metrics["val/ppl"].item()
     assert TRUE_PERPLEXITY * 0.97 < val_ppl < TRUE_PERPLEXITY * 1.05, val_ppl

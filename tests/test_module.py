@@ -11,26 +11,13 @@ import torch.nn.functional as F
 
 from lm.data import PTBDataModule
 from lm.module import LanguageModel, Perplexity
+from tests.conftest import quiet_trainer
 
 
 def tiny_setup(corpus_dir, tmp_path, **data):
     datamodule = PTBDataModule(dir=corpus_dir, cache_dir=tmp_path / "cache", url="file:///nowhere", **data)
     model = LanguageModel(datamodule.vocab_size, hidden_size=8, init_scale=0.3)
     return datamodule, model
-
-
-def quiet_trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
 
 
 def test_state_is_carried_detached_reset_each_epoch_and_kept_from_validation(tiny_corpus, tmp_path):
