@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lm.allocator import keep_freed_memory
 from lm.callbacks import TokensPerSecond
 from lm.errors import UserError
 from lm.trainer import build_trainer
@@ -34,6 +35,7 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
 def train(cfg: DictConfig) -> dict:
     """Fit, test the best checkpoint, and write metrics.json (rank 0); returns the metrics."""
     started = time.perf_counter()
+    keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)

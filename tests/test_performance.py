@@ -1,0 +1,27 @@
+"""Speed-ups change how fast the numbers come, never the numbers (same seed)."""
+
+import sys
+
+import lightning as L
+import pytest
+
+from lm.allocator import keep_freed_memory
+from lm.data import PTBDataModule
+from lm.module import LanguageModel
+from tests.conftest import quiet_trainer
+
+
+def validation_perplexity(corpus, tmp_path) -> float:
+    L.seed_everything(3)
+    datamodule = PTBDataModule(dir=corpus, cache_dir=tmp_path / "cache", url="file:///nowhere", batch_size=4)
+    model = LanguageModel(datamodule.vocab_size, hidden_size=16, dropout=0.2)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=40, gradient_clip_val=5)
+    trainer.fit(model, datamodule=datamodule)
+    return trainer.callback_metrics["val/ppl"].item()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_keeping_freed_memory_leaves_the_numbers_bit_identical(tiny_corpus, tmp_path):
+    before = validation_perplexity(tiny_corpus, tmp_path)
+    assert keep_freed_memory()
+    assert validation_perplexity(tiny_corpus, tmp_path) == before
