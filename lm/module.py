@@ -74,12 +74,20 @@ class LanguageModel(L.LightningModule):
         loss = nll / x.size(0)
 
         self.train_ppl.update(nll, y.numel())
-        self.log("train/loss", nll.detach() / y.numel())  # per token, comparable across num_steps
-        # Running perplexity of this epoch on this rank (no cross-rank reduction every step);
-        # the exact, reduced one is train/epoch_ppl.
-        self.log("train/ppl", torch.exp(self.train_ppl.nll_sum / self.train_ppl.count), prog_bar=True)
-        self.log("train/epoch_ppl", self.train_ppl, on_step=False, on_epoch=True)
+        if batch_idx == 0:  # registers the metric; Lightning computes, reduces and resets it per epoch
+            self.log("train/epoch_ppl", self.train_ppl, on_step=False, on_epoch=True)
+        if self._logs_this_step():
+            self.log("train/loss", nll.detach() / y.numel())  # per token, comparable across num_steps
+            # Running perplexity of this epoch on this rank, without a cross-rank reduction.
+            self.log("train/ppl", torch.exp(self.train_ppl.nll_sum / self.train_ppl.count), prog_bar=True)
         return loss
+
+    def _logs_this_step(self) -> bool:
+        """True on the steps after which Lightning writes the logs (every `log_every_n_steps`).
+
+        A `self.log` call costs about 0.3 ms; made every step, the few here cost 2-3% of a CPU step.
+        """
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -88,7 +96,9 @@ class LanguageModel(L.LightningModule):
         if gradient_clip_algorithm == "value":
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         max_norm = gradient_clip_val if gradient_clip_val else math.inf
-        self.log("train/grad_norm", torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+        if self._logs_this_step():
+            self.log("train/grad_norm", norm)
 
     def configure_optimizers(self):
         hparams = self.hparams

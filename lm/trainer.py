@@ -4,6 +4,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from lm.errors import UserError
@@ -30,6 +31,12 @@ def trainer_arguments(trainer_cfg: DictConfig) -> dict[str, Any]:
     return arguments
 
 
-def build_trainer(trainer_cfg: DictConfig, **objects: Any) -> L.Trainer:
-    """`objects` are what the config cannot hold: callbacks and logger instances."""
-    return L.Trainer(**trainer_arguments(trainer_cfg), **objects)
+def build_trainer(trainer_cfg: DictConfig, callbacks: list[Callback] = (), **objects: Any) -> L.Trainer:
+    """`callbacks` and `objects` (the logger) are what the config cannot hold.
+
+    `trainer.enable_progress_bar=false` drops the configured bar, which Lightning would refuse.
+    """
+    arguments = trainer_arguments(trainer_cfg)
+    if arguments.get("enable_progress_bar") is False:
+        callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
+    return L.Trainer(**arguments, callbacks=list(callbacks), **objects)
