@@ -1,0 +1,172 @@
+"""Speed of the project's training and evaluation against a plain PyTorch loop and the machine.
+
+    python -m lm.bench                        # small preset: each path trains one full epoch
+    python -m lm.bench model=medium trainer.gpus=1 bench.train_steps=400
+
+Prints a table and writes bench.json into the run folder. Every figure comes from this one
+process, after a warm-up; the two training paths alternate in `bench.rounds` stretches, so a
+shared machine's drifts hit both alike and their ratio is fair.
+"""
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lm.allocator import keep_freed_memory
+from lm.callbacks import TokensPerSecond
+from lm.trainer import build_trainer
+
+log = logging.getLogger("bench")
+
+
+def flops_per_token(vocab_size: int, hidden_size: int, num_layers: int) -> int:
+    """Matrix-multiply FLOPs of one training token: the forward pass, and twice that backward.
+
+    Each LSTM layer multiplies [x, h] (2H values) into 4H gates; the decoder maps H to V logits.
+    """
+    forward = num_layers * 2 * (2 * hidden_size) * (4 * hidden_size) + 2 * hidden_size * vocab_size
+    return 3 * forward
+
+
+def matmul_gflops(size: int, device: torch.device, seconds: float = 3.0) -> float:
+    """The machine's attainable fp32 matrix-multiply rate, the yardstick for the model's."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * count / (time.perf_counter() - started) / 1e9
+
+
+class PlainLoop:
+    """The obvious hand-written loop: same network class, windows, loss scale, clipping and SGD."""
+
+    def __init__(self, model: L.LightningModule, clip: float, device: torch.device):
+        self.net = model.net.to(device).train()
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=model.hparams.lr)
+        self.clip, self.device = clip, device
+
+    def tokens_per_sec(self, loader, first: int, steps: int) -> float:
+        """Train on windows [first, first + steps) of an epoch, from a zero state, and time it."""
+        state, windows = None, iter(loader)
+        for _ in range(first):
+            next(windows)
+        started = time.perf_counter()
+        for _ in range(steps):
+            x, y = (t.to(self.device, non_blocking=True) for t in next(windows))
+            logits, state = self.net(x, state)
+            state = tuple(s.detach() for s in state)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / x.size(0)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip)
+            self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * x.numel() / (time.perf_counter() - started)
+
+
+def lightning_fit(cfg: DictConfig, model: L.LightningModule, datamodule, steps: int) -> L.Trainer:
+    """The project's real path: Trainer, LightningModule, logger and progress bar as train.py has them."""
+    throughput = TokensPerSecond()
+    callbacks = [throughput, instantiate(cfg.callbacks.lr_monitor), instantiate(cfg.callbacks.progress_bar)]
+    overrides = {
+        "max_epochs": 1,
+        "limit_train_batches": steps,
+        "limit_val_batches": 0,
+        "enable_checkpointing": False,
+    }
+    trainer = build_trainer(
+        OmegaConf.merge(cfg.trainer, overrides), callbacks=callbacks, logger=instantiate(cfg.logger)
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return trainer
+
+
+def timed_evaluation(trainer_cfg: DictConfig, model, datamodule) -> dict[str, float]:
+    """Validation tokens/s and the wall time of the exact batch-1 test pass."""
+    overrides = {"enable_progress_bar": False, "enable_checkpointing": False}
+    trainer = build_trainer(OmegaConf.merge(trainer_cfg, overrides), logger=False)
+    started = time.perf_counter()
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    val_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    (test,) = trainer.test(model, datamodule=datamodule, verbose=False)
+    return {
+        "val_tokens_per_sec": datamodule.streams["valid"][:, 1:].numel() / val_seconds,
+        "test_batch1_seconds": time.perf_counter() - started,
+        "test_batch1_tokens": datamodule.streams["test"][:, 1:].numel(),
+        "test_ppl_after_bench": test["test/ppl"],
+    }
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> dict:
+    keep_freed_memory()  # as train.py does
+    L.seed_everything(cfg.seed)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    epoch_steps = len(datamodule.train_dataloader())
+    warmup, rounds = cfg.bench.warmup_steps, cfg.bench.rounds
+    steps = min(cfg.bench.train_steps or epoch_steps, epoch_steps - warmup) // rounds  # per round
+
+    model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
+    device = lightning_fit(cfg, model, datamodule, warmup).strategy.root_device
+    plain = PlainLoop(
+        instantiate(cfg.model, vocab_size=datamodule.vocab_size), cfg.trainer.gradient_clip_val, device
+    )
+    plain.tokens_per_sec(datamodule.train_dataloader(), 0, warmup)
+
+    # Alternate the two paths; each covers `rounds * steps` windows of the epoch.
+    lightning_seconds = plain_seconds = 0.0
+    tokens = steps * datamodule.streams["train"].size(0) * datamodule.num_steps
+    for _ in range(rounds):
+        trainer = lightning_fit(cfg, model, datamodule, steps)
+        lightning_seconds += (
+            tokens / next(c for c in trainer.callbacks if isinstance(c, TokensPerSecond)).tokens_per_sec
+        )
+        plain_seconds += tokens / plain.tokens_per_sec(datamodule.train_dataloader(), 0, steps)
+    lightning, baseline = rounds * tokens / lightning_seconds, rounds * tokens / plain_seconds
+
+    flops = flops_per_token(datamodule.vocab_size, cfg.model.hidden_size, cfg.model.num_layers)
+    peak = matmul_gflops(cfg.bench.matmul_size, device)
+    results = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads",
+        "timed_train_steps_per_path": rounds * steps,
+        "epoch_steps": epoch_steps,
+        "lightning_train_tokens_per_sec": lightning,
+        "plain_loop_train_tokens_per_sec": baseline,
+        "lightning_over_plain": lightning / baseline,
+        "train_flops_per_token": flops,
+        "lightning_train_gflops": lightning * flops / 1e9,
+        "matmul_gflops": peak,
+        "lightning_fraction_of_matmul": lightning * flops / 1e9 / peak,
+        **timed_evaluation(cfg.trainer, model, datamodule),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    width = max(map(len, results))
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:,.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    log.info("wrote %s", out)
+    return results
+
+
+if __name__ == "__main__":
+    main()

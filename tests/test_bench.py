@@ -1,0 +1,49 @@
+"""`python -m lm.bench` runs on any corpus and reports consistent figures."""
+
+import json
+import os
+import subprocess
+import sys
+
+from lm import PROJECT_ROOT
+from lm.bench import flops_per_token
+
+
+def test_flops_per_token_counts_the_matrix_multiplies():
+    # small preset: 2 layers of [x, h] (400) x 4 gates (800), decoder 200 x 10,000; x3 for backward
+    assert flops_per_token(10_000, 200, 2) == 3 * (2 * 2 * 400 * 800 + 2 * 200 * 10_000) == 15_840_000
+
+
+def test_the_benchmark_writes_its_table(tiny_corpus, tmp_path):
+    overrides = [
+        f"data.dir={tiny_corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'bench'}",
+        "model.hidden_size=16",
+        "data.batch_size=8",
+        "bench.warmup_steps=5",
+        "bench.train_steps=20",
+        "bench.matmul_size=128",
+        "trainer.enable_progress_bar=false",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lm.bench", *overrides],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    bench = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert bench["timed_train_steps_per_path"] == 20
+    assert (
+        bench["lightning_over_plain"]
+        == bench["lightning_train_tokens_per_sec"] / bench["plain_loop_train_tokens_per_sec"]
+    )
+    assert (
+        bench["test_batch1_tokens"]
+        == sum(len(line.split()) + 1 for line in open(tiny_corpus / "ptb.test.txt")) - 1
+    )
+    assert bench["lightning_train_tokens_per_sec"] > 0 and bench["matmul_gflops"] > 0
+    assert "lightning_over_plain" in result.stdout
