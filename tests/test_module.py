@@ -91,3 +91,20 @@ def test_perplexity_weighs_every_target_not_every_window():
     ppl.update(torch.tensor(2.0 * 30), 30)  # a full window of 30 targets with mean NLL 2
     ppl.update(torch.tensor(5.0 * 3), 3)  # a last, short window of 3 targets with mean NLL 5
     assert ppl.compute().item() == pytest.approx(math.exp((60 + 15) / 33))
+
+
+def test_epoch_train_perplexity_is_exact_over_the_epochs_windows(tiny_corpus, tmp_path):
+    datamodule, _ = tiny_setup(tiny_corpus, tmp_path, batch_size=4, num_steps=10)
+    model = LanguageModel(datamodule.vocab_size, hidden_size=8, init_scale=0.3, lr=0.0)  # weights stay put
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=datamodule)
+
+    total_nll, targets, state = 0.0, 0, None
+    with torch.no_grad():
+        for x, y in datamodule.train_dataloader():
+            logits, state = model.net(x, state)
+            total_nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            targets += y.numel()
+    assert trainer.callback_metrics["train/epoch_ppl"].item() == pytest.approx(
+        math.exp(total_nll / targets), rel=1e-6
+    )
