@@ -74,13 +74,14 @@ class LanguageModel(L.LightningModule):
         loss = nll / x.size(0)
 
         self.train_ppl.update(nll, y.numel())
-        if batch_idx == 0:  # registers the metric; Lightning computes, reduces and resets it per epoch
-            self.log("train/epoch_ppl", self.train_ppl, on_step=False, on_epoch=True)
         if self._logs_this_step():
             self.log("train/loss", nll.detach() / y.numel())  # per token, comparable across num_steps
             # Running perplexity of this epoch on this rank, without a cross-rank reduction.
             self.log("train/ppl", torch.exp(self.train_ppl.nll_sum / self.train_ppl.count), prog_bar=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/epoch_ppl", self.train_ppl)  # Lightning computes, reduces and resets it
 
     def _logs_this_step(self) -> bool:
         """True on the steps after which Lightning writes the logs (every `log_every_n_steps`).

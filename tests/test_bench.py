@@ -38,12 +38,8 @@ def test_the_benchmark_writes_its_table(tiny_corpus, tmp_path):
     bench = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert bench["timed_train_steps_per_path"] == 20
     assert (
-        bench["lightning_over_plain"]
-        == bench["lightning_train_tokens_per_sec"] / bench["plain_loop_train_tokens_per_sec"]
-    )
-    assert (
         bench["test_batch1_tokens"]
         == sum(len(line.split()) + 1 for line in open(tiny_corpus / "ptb.test.txt")) - 1
     )
-    assert bench["lightning_train_tokens_per_sec"] > 0 and bench["matmul_gflops"] > 0
+    assert len(bench["matmul_gflops_probes"]) == 3  # before the rounds and after each of the two
     assert "lightning_over_plain" in result.stdout
