@@ -11,10 +11,10 @@ from lm.module import LanguageModel
 from tests.conftest import quiet_trainer
 
 
-def validation_perplexity(corpus, tmp_path) -> float:
+def validation_perplexity(corpus, tmp_path, **model_options) -> float:
     L.seed_everything(3)
     datamodule = PTBDataModule(dir=corpus, cache_dir=tmp_path / "cache", url="file:///nowhere", batch_size=4)
-    model = LanguageModel(datamodule.vocab_size, hidden_size=16, dropout=0.2)
+    model = LanguageModel(datamodule.vocab_size, hidden_size=16, dropout=0.2, **model_options)
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=40, gradient_clip_val=5)
     trainer.fit(model, datamodule=datamodule)
     return trainer.callback_metrics["val/ppl"].item()
@@ -25,3 +25,9 @@ def test_keeping_freed_memory_leaves_the_numbers_bit_identical(tiny_corpus, tmp_
     before = validation_perplexity(tiny_corpus, tmp_path)
     assert keep_freed_memory()
     assert validation_perplexity(tiny_corpus, tmp_path) == before
+
+
+def test_compiled_loss_gives_the_same_perplexity(tiny_corpus, tmp_path):
+    eager = validation_perplexity(tiny_corpus, tmp_path)
+    compiled = validation_perplexity(tiny_corpus, tmp_path, compile=True)
+    assert compiled == pytest.approx(eager, rel=1e-5)
