@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from lm.allocator import keep_freed_memory
 from lm.callbacks import TokensPerSecond
 from lm.errors import UserError
-from lm.trainer import build_trainer
+from lm.trainer import build_trainer, recover_training_state
 
 log = logging.getLogger("train")
 # Lightning 2.6 calls a torch API that torch 2.13 deprecates; nothing for a user to act on.
@@ -50,6 +50,7 @@ def train(cfg: DictConfig) -> dict:
     )
 
     trainer.fit(model, datamodule=datamodule)
+    recover_training_state(trainer)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
 
@@ -59,7 +60,7 @@ def train(cfg: DictConfig) -> dict:
         "val_ppl": float(val_ppl),
         "test_ppl": test["test/ppl"],
         "test_acc": test["test/acc"],
-        "epochs": trainer.current_epoch,
+        "epochs": trainer.fit_loop.epoch_progress.current.processed,
         "train_tokens_per_sec": throughput.tokens_per_sec if throughput else None,
         "wall_seconds": time.perf_counter() - started,
         "best_checkpoint": best,

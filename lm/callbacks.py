@@ -23,6 +23,12 @@ class TokensPerSecond(L.Callback):
     def tokens_per_sec(self) -> float:
         return self.total_tokens / self.total_seconds if self.total_seconds else 0.0
 
+    def state_dict(self) -> dict[str, float]:
+        return {"total_tokens": self.total_tokens, "total_seconds": self.total_seconds}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.total_tokens, self.total_seconds = state_dict["total_tokens"], state_dict["total_seconds"]
+
     def _seconds(self) -> float:
         running = time.perf_counter() - self._started if self._started is not None else 0.0
         return self.total_seconds + running

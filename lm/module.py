@@ -84,7 +84,8 @@ class LanguageModel(L.LightningModule):
 
         self.train_ppl.update(nll, y.numel())
         if self._logs_this_step():
-            self.log("train/loss", nll.detach() / y.numel())  # per token, comparable across num_steps
+            # Per token, comparable across num_steps; the mean over ranks is the global loss.
+            self.log("train/loss", nll.detach() / y.numel(), sync_dist=True)
             # Running perplexity of this epoch on this rank, without a cross-rank reduction.
             self.log("train/ppl", torch.exp(self.train_ppl.nll_sum / self.train_ppl.count), prog_bar=True)
         return loss

@@ -1,10 +1,14 @@
 """The Lightning Trainer from `cfg.trainer`, with Lightning 1.x's `gpus=` still understood."""
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from lm.errors import UserError
@@ -39,4 +43,40 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list[Callback] = (), **obj
     arguments = trainer_arguments(trainer_cfg)
     if arguments.get("enable_progress_bar") is False:
         callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
-    return L.Trainer(**arguments, callbacks=list(callbacks), **objects)
+    trainer = L.Trainer(**arguments, callbacks=list(callbacks), **objects)
+    _refuse_to_relaunch_a_sweep(trainer)
+    return trainer
+
+
+def _refuse_to_relaunch_a_sweep(trainer: L.Trainer) -> None:
+    """Lightning's `ddp` starts ranks 1.. by re-running the command line; under `-m` every one of
+    them would run the whole sweep again. `ddp_spawn` starts workers instead, and on SLURM (or
+    torchrun) the processes already exist, so nothing is relaunched."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    relaunches = isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
+    if relaunches and not trainer.strategy.cluster_environment.creates_processes_externally:
+        raise UserError(
+            f"A Hydra sweep (-m) cannot train on {trainer.world_size} processes with Lightning's ddp "
+            "strategy: it starts each extra process by re-running the command line, that is the whole "
+            "sweep. Add trainer.strategy=ddp_spawn, sweep on a cluster with hydra/launcher=slurm, or "
+            "train each configuration without -m."
+        )
+
+
+def recover_training_state(trainer: L.Trainer) -> None:
+    """After `ddp_spawn`, bring back what the processes that trained knew.
+
+    The spawn launcher returns the weights, the logged metrics and the best checkpoint's path,
+    but not the callbacks' states (the best score, the token counts) nor the epoch count; the
+    last checkpoint, saved when training ended, holds them.
+    """
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is not None:
+        return  # trained in this process, or nothing saved
+    last = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    for callback in trainer.callbacks:
+        if callback.state_key in saved["callbacks"]:
+            callback.load_state_dict(saved["callbacks"][callback.state_key])
+    trainer.fit_loop.epoch_progress.load_state_dict(saved["loops"]["fit_loop"]["epoch_progress"])

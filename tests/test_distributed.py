@@ -1,0 +1,126 @@
+"""DDP on two CPU processes (gloo) against one process (design.md, "Many devices")."""
+
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import TINY_RUN, random_lines, run_train, write_corpus
+
+TWO_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+# Only the summation order of float32 sums differs (measured: 3e-6 at most); a rank reading the
+# wrong rows, a window lost or a loss not averaged moves these numbers by 1e-2 or more.
+TOLERANCE = 2e-5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A folder for the module's runs, and the overrides of an exact run (dropout 0, every step logged)."""
+    root = tmp_path_factory.mktemp("distributed")
+    corpus = write_corpus(
+        root / "tiny",
+        {"train": random_lines(2000, 0), "valid": random_lines(200, 1), "test": random_lines(200, 2)},
+    )
+    overrides = [*TINY_RUN, f"data.dir={corpus}", f"data.cache_dir={root / 'cache'}"]
+    return root, [*overrides, "model.dropout=0.0", "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny) -> dict[str, Path]:
+    """The same run on one and on two processes.
+
+    The two-process run uses the default run folder under its working directory, as a user's
+    `python train.py` does, so that a child process resolving `${now:...}` anew would show.
+    """
+    root, overrides = tiny
+    one = run_train(*overrides, f"hydra.run.dir={root / 'one'}")
+    (root / "work").mkdir()
+    two = run_train(*overrides, *TWO_PROCESSES, cwd=root / "work")
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert two.returncode == 0, two.stdout + two.stderr
+    (two_dir,) = (root / "work" / "outputs").glob("*/*")
+    return {"one": root / "one", "two": two_dir, "work": root / "work"}
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+@pytest.mark.parametrize("tag", ["train/loss", "val/ppl", "test/ppl"])
+def test_two_processes_give_the_one_process_numbers(runs, tag):
+    one, two = scalars(runs["one"], tag), scalars(runs["two"], tag)
+    assert [step for step, _ in two] == [step for step, _ in one]
+    assert len(one) > 1 or tag == "test/ppl"
+    assert [value for _, value in two] == pytest.approx([value for _, value in one], rel=TOLERANCE)
+
+
+def test_two_processes_report_the_one_process_metrics(runs):
+    one, two = (json.loads((runs[name] / "metrics.json").read_text()) for name in ("one", "two"))
+    for key in ("val_ppl", "test_ppl", "test_acc"):
+        assert two[key] == pytest.approx(one[key], rel=TOLERANCE)
+    assert two["epochs"] == one["epochs"] == 2
+
+
+def test_two_processes_write_one_run_folder(runs):
+    work = runs["work"]
+    assert sorted(p.relative_to(work).as_posix() for p in work.glob("outputs/*/*")) == [
+        runs["two"].relative_to(work).as_posix()
+    ]
+    assert sorted(p.name for p in runs["two"].iterdir()) == [
+        ".hydra",
+        "checkpoints",
+        "metrics.json",
+        "tensorboard",
+        "train.log",
+        "train_ddp_process_1.log",  # rank 1's log: Lightning names its Hydra job so
+    ]
+    assert sorted(p.name for p in (runs["two"] / "checkpoints").iterdir()) == sorted(
+        p.name for p in (runs["one"] / "checkpoints").iterdir()
+    )
+    assert all(p.is_file() for p in (runs["two"] / "tensorboard").iterdir())  # one TensorBoard run
+
+
+def test_a_batch_that_does_not_divide_among_the_processes_is_a_clear_error(tiny_corpus, tmp_path):
+    result = run_train(
+        *TINY_RUN,
+        *TWO_PROCESSES,
+        "data.batch_size=7",
+        f"data.dir={tiny_corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "data.batch_size=7 streams do not divide among 2 processes; choose a multiple of 2" in (
+        result.stdout
+    )
+
+
+def test_a_sweep_cannot_relaunch_itself_through_ddp(tiny, tmp_path):
+    _, overrides = tiny
+    result = run_train("-m", *overrides, *TWO_PROCESSES, "model.hidden_size=16,32", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "A Hydra sweep (-m) cannot train on 2 processes with Lightning's ddp strategy" in result.stdout
+    assert "Add trainer.strategy=ddp_spawn" in result.stdout
+    assert [p.name for p in tmp_path.glob("outputs/multirun/*/*/*") if p.is_dir()] == ["0"]  # stopped at once
+    assert not list(tmp_path.rglob("train_ddp_process_*"))
+
+
+def test_a_sweep_trains_each_run_on_two_spawned_processes(tiny, runs, tmp_path):
+    _, overrides = tiny
+    spawn = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn"]
+    result = run_train("-m", *overrides, *spawn, "model.hidden_size=16,32", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobs = sorted(p for p in tmp_path.glob("outputs/multirun/*/*/*") if p.is_dir())
+    assert [job.name for job in jobs] == ["0", "1"]
+    metrics = [json.loads((job / "metrics.json").read_text()) for job in jobs]
+    one = json.loads((runs["one"] / "metrics.json").read_text())  # hidden size 16 on one process
+    assert metrics[0]["val_ppl"] == pytest.approx(one["val_ppl"], rel=TOLERANCE)
+    assert metrics[0]["test_ppl"] == pytest.approx(one["test_ppl"], rel=TOLERANCE)
+    assert metrics[1]["val_ppl"] != pytest.approx(one["val_ppl"], rel=1e-3)
+    for job, job_metrics in zip(jobs, metrics, strict=True):
+        assert job_metrics["epochs"] == 2 and job_metrics["train_tokens_per_sec"] > 0
+        assert f"val_ppl{job_metrics['val_ppl']:.2f}" in job_metrics["best_checkpoint"]
+        assert Path(job_metrics["best_checkpoint"]).parent == job / "checkpoints"
