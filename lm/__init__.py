@@ -9,3 +9,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # `${project_root:}` in conf/ puts shared files (the PTB download, the token cache) under the
 # repository whatever directory a run starts from.
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+# `${devices_per_node:${trainer.gpus},${trainer.devices}}`: processes per node, whichever of the
+# two the user set (conf/hydra/launcher/slurm.yaml).
+OmegaConf.register_new_resolver("devices_per_node", lambda gpus, devices: gpus or devices, replace=True)

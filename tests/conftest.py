@@ -9,11 +9,22 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
 from lm import PROJECT_ROOT
 
 # The test models are tiny: a second thread only waits on the first (and on a busy machine far worse).
 torch.set_num_threads(1)
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The config train.py would get, with `${hydra:...}` resolvable as in a real run."""
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 def write_corpus(folder: Path, lines: dict[str, list[str]]) -> Path:

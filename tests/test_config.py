@@ -5,22 +5,11 @@ import inspect
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from lm import PROJECT_ROOT
 from lm.errors import UserError
 from lm.trainer import trainer_arguments
-
-
-def compose_config(*overrides: str):
-    """The config train.py would get, with `${hydra:...}` resolvable as in a real run."""
-    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
+from tests.conftest import compose_config
 
 # design.md's preset table: layers, hidden, num_steps, init, dropout, epochs, decay after, decay, clip
 TABLE = {
