@@ -57,9 +57,7 @@ class LanguageModel(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, init_scale, tie_weights)
-        # torch.compile fuses the softmax and the loss, forward and backward. Not the network:
-        # Dynamo skips any frame that calls nn.LSTM, so the LSTM stays eager (cuDNN on GPU).
-        self.summed_nll = torch.compile(summed_nll) if compile else summed_nll
+        self.summed_nll = summed_nll  # compiled in setup() when asked
         self.train_state: State | None = None
         self.eval_state: State | None = None
         self.train_ppl, self.val_ppl, self.test_ppl = Perplexity(), Perplexity(), Perplexity()
@@ -68,6 +66,13 @@ class LanguageModel(L.LightningModule):
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         return self.net(x, state)
+
+    def setup(self, stage: str) -> None:
+        # torch.compile fuses the softmax and the loss, forward and backward. Not the network:
+        # Dynamo skips any frame that calls nn.LSTM, so the LSTM stays eager (cuDNN on GPU).
+        # Compiled here, in the process that trains: ddp_spawn cannot pickle a compiled function.
+        if self.hparams.compile and self.summed_nll is summed_nll:
+            self.summed_nll = torch.compile(summed_nll)
 
     # --- training -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from lm.allocator import keep_freed_memory
 from lm.data import PTBDataModule
-from lm.module import LanguageModel
+from lm.module import LanguageModel, summed_nll
 from tests.conftest import quiet_trainer
 
 
@@ -30,4 +30,7 @@ def test_keeping_freed_memory_leaves_the_numbers_bit_identical(tiny_corpus, tmp_
 def test_compiled_loss_gives_the_same_perplexity(tiny_corpus, tmp_path):
     eager = validation_perplexity(tiny_corpus, tmp_path)
     compiled = validation_perplexity(tiny_corpus, tmp_path, compile=True)
+    model = LanguageModel(vocab_size=12, compile=True)
+    model.setup("fit")
+    assert model.summed_nll is not summed_nll  # the compiled one is in use
     assert compiled == pytest.approx(eager, rel=1e-5)
