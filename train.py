@@ -11,6 +11,7 @@ perplexity so that Hydra sweepers can minimise it.
 
 import json
 import logging
+import math
 import sys
 import time
 import warnings
@@ -19,8 +20,10 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 
 from lm.allocator import keep_freed_memory
 from lm.callbacks import TokensPerSecond
@@ -55,9 +58,12 @@ def train(cfg: DictConfig) -> dict:
     (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
 
     throughput = next((c for c in trainer.callbacks if isinstance(c, TokensPerSecond)), None)
-    val_ppl = trainer.checkpoint_callback.best_model_score if best else trainer.callback_metrics["val/ppl"]
+    val_ppl = float(
+        trainer.checkpoint_callback.best_model_score if best else trainer.callback_metrics["val/ppl"]
+    )
     metrics = {
-        "val_ppl": float(val_ppl),
+        "status": "completed" if math.isfinite(val_ppl) else "diverged",
+        "val_ppl": val_ppl,
         "test_ppl": test["test/ppl"],
         "test_acc": test["test/acc"],
         "epochs": trainer.fit_loop.epoch_progress.current.processed,
@@ -65,20 +71,59 @@ def train(cfg: DictConfig) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "best_checkpoint": best,
     }
+    for logger in trainer.loggers:  # the HPARAMS tab of TensorBoard: one row per run of a sweep
+        logger.log_hyperparams(
+            hyperparameters(cfg),
+            {"hparams/val_ppl": metrics["val_ppl"], "hparams/test_ppl": metrics["test_ppl"]},
+        )
+        logger.finalize("success")
     if trainer.is_global_zero:
-        path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
-        path.write_text(json.dumps(metrics, indent=2) + "\n")
-        log.info("val ppl %.2f, test ppl %.2f; %s", metrics["val_ppl"], metrics["test_ppl"], path)
+        write_metrics(metrics)
     return metrics
+
+
+def hyperparameters(cfg: DictConfig) -> dict:
+    """What tells runs apart: the model's options and the data, schedule and precision settings."""
+    model = {f"model.{key}": value for key, value in cfg.model.items() if key != "_target_"}
+    chosen = ("data.batch_size", "data.num_steps", "trainer.max_epochs", "trainer.gradient_clip_val")
+    others = {key: OmegaConf.select(cfg, key) for key in (*chosen, "trainer.precision", "seed")}
+    return {**model, **others}
+
+
+def write_metrics(metrics: dict) -> None:
+    """<run dir>/metrics.json; a perplexity that is not finite is written as null (JSON has no NaN)."""
+    metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+    path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info(
+        "%s: val ppl %s, test ppl %s; %s", metrics["status"], metrics["val_ppl"], metrics["test_ppl"], path
+    )
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    """The sweepers' objective: the validation perplexity, or inf for a run that diverged or, in a
+    sweep, failed, so that the sweep goes on with a bad trial instead of stopping."""
     try:
-        return train(cfg)["val_ppl"]
-    except UserError as error:
+        val_ppl = train(cfg)["val_ppl"]
+    except UserError as error:  # a mistake to fix before anything runs: stop, sweep or not
         log.error("%s", error)
         sys.exit(1)
+    except Exception as error:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        log.exception("This run failed; the sweep goes on with val_ppl=inf for it.")
+        if rank_zero_only.rank == 0:
+            write_metrics(
+                {
+                    "status": "failed",
+                    "error": f"{type(error).__name__}: {error}",
+                    "val_ppl": None,
+                    "test_ppl": None,
+                }
+            )
+        return math.inf
+    return val_ppl if math.isfinite(val_ppl) else math.inf
 
 
 if __name__ == "__main__":

@@ -12,3 +12,8 @@ OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), repla
 # `${devices_per_node:${trainer.gpus},${trainer.devices}}`: processes per node, whichever of the
 # two the user set (conf/hydra/launcher/slurm.yaml).
 OmegaConf.register_new_resolver("devices_per_node", lambda gpus, devices: gpus or devices, replace=True)
+
+# `${at_most:TEXT,N}`: TEXT cut to N characters (conf/hydra/default.yaml: sweep runs' folder names).
+OmegaConf.register_new_resolver(
+    "at_most", lambda text, length: text if len(text) <= length else text[: length - 3] + "...", replace=True
+)

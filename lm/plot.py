@@ -5,6 +5,7 @@ python -m lm.plot outputs/multirun/2026-11-29/16-05-00          # one line per r
 """
 
 import argparse
+import re
 from pathlib import Path
 
 import matplotlib
@@ -16,11 +17,21 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 
 def find_runs(folder: Path) -> list[Path]:
-    """Run folders (those holding tensorboard/) in `folder` or below it, in a stable order."""
+    """Run folders (those holding tensorboard/) in `folder` or below it, in job order."""
     runs = [logs.parent for logs in Path(folder).rglob("tensorboard") if logs.is_dir()]
     if not runs:
         raise SystemExit(f"No run with a tensorboard/ folder in or below {folder}.")
-    return sorted(runs, key=lambda run: [int(p) if p.isdigit() else p for p in run.parts])
+    return sort_runs(runs)
+
+
+def sort_runs(runs: list[Path]) -> list[Path]:
+    """By path, numbers compared as numbers: a sweep's job 10_... after job 9_..."""
+
+    def key(part: str) -> tuple[int, str]:
+        number = re.match(r"\d+", part)
+        return (int(number.group()) if number else -1, part)
+
+    return sorted(runs, key=lambda run: [key(part) for part in run.parts])
 
 
 def run_labels(runs: list[Path]) -> list[str]:
@@ -52,7 +63,13 @@ def epoch_curves(run: Path) -> dict[str, list[tuple[float, float]]]:
     return curves
 
 
-def plot(folder: Path, out: Path, reference: float | None = None, title: str | None = None) -> Path:
+def plot(
+    folder: Path,
+    out: Path,
+    reference: float | None = None,
+    title: str | None = None,
+    splits: tuple[str, ...] = ("train", "valid"),
+) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     runs = find_runs(folder)
     labels = run_labels(runs) if len(runs) > 1 else [""]
@@ -60,14 +77,15 @@ def plot(folder: Path, out: Path, reference: float | None = None, title: str | N
         curves = epoch_curves(run)
         color = f"C{index % 10}"
         for tag, style, name in (("train/epoch_ppl", "--", "train"), ("val/ppl", "-", "valid")):
-            if tag in curves:
+            if tag in curves and name in splits:
                 epochs, values = zip(*curves[tag], strict=True)
                 ax.plot(epochs, values, style, color=color, marker="o", markersize=3, label=f"{name} {label}")
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle=":", label=f"paper test {reference:g}")
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")  # 120, not 1.2 x 10^2
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("perplexity")

@@ -101,3 +101,23 @@ def run_train(*overrides: str, cwd: Path = PROJECT_ROOT) -> subprocess.Completed
         text=True,
         timeout=300,
     )
+
+
+@pytest.fixture(scope="session")
+def grid_sweep(tmp_path_factory) -> Path:
+    """`python train.py -m model.dropout=0.0,0.3` on a tiny corpus: a sweep folder of two runs."""
+    root = tmp_path_factory.mktemp("grid")
+    corpus = write_corpus(
+        root / "tiny",
+        {"train": random_lines(2000, 0), "valid": random_lines(200, 1), "test": random_lines(200, 2)},
+    )
+    result = run_train(
+        "-m",
+        *TINY_RUN,
+        "model.dropout=0.0,0.3",
+        f"data.dir={corpus}",
+        f"data.cache_dir={root / 'cache'}",
+        f"hydra.sweep.dir={root / 'sweep'}",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root / "sweep"

@@ -7,21 +7,11 @@ import sys
 import pytest
 
 from lm.plot import epoch_curves, find_runs, run_labels
-from tests.conftest import TINY_RUN, run_train
 
 
-def test_a_sweep_gives_one_curve_per_run_labelled_by_its_overrides(tiny_corpus, tmp_path):
-    result = run_train(
-        "-m",
-        *TINY_RUN,
-        "model.dropout=0.0,0.3",
-        f"data.dir={tiny_corpus}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    runs = find_runs(tmp_path / "sweep")
-    assert [run.name for run in runs] == ["0", "1"]
+def test_a_sweep_gives_one_curve_per_run_labelled_by_its_overrides(grid_sweep, tmp_path):
+    runs = find_runs(grid_sweep)
+    assert [run.name.split("_")[0] for run in runs] == ["0", "1"]
     assert run_labels(runs) == ["model.dropout=0.0", "model.dropout=0.3"]
 
     for run in runs:
@@ -36,7 +26,7 @@ def test_a_sweep_gives_one_curve_per_run_labelled_by_its_overrides(tiny_corpus, 
         sys.executable,
         "-m",
         "lm.plot",
-        str(tmp_path / "sweep"),
+        str(grid_sweep),
         "--reference",
         "10",
         "--out",
