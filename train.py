@@ -14,7 +14,6 @@ import logging
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import hydra
@@ -31,8 +30,6 @@ from lm.errors import UserError
 from lm.trainer import build_trainer, recover_training_state
 
 log = logging.getLogger("train")
-# Lightning 2.6 calls a torch API that torch 2.13 deprecates; nothing for a user to act on.
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 
 def train(cfg: DictConfig) -> dict:

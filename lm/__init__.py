@@ -1,5 +1,6 @@
 """Word-level LSTM language models with PyTorch Lightning and Hydra."""
 
+import warnings
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -17,3 +18,6 @@ OmegaConf.register_new_resolver("devices_per_node", lambda gpus, devices: gpus o
 OmegaConf.register_new_resolver(
     "at_most", lambda text, length: text if len(text) <= length else text[: length - 3] + "...", replace=True
 )
+
+# Lightning 2.6 calls a torch API that torch 2.13 deprecates; nothing for a user to act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)

@@ -1,4 +1,4 @@
-"""PTB as contiguous streams read in `num_steps` windows (design.md, "Data" and "Many devices")."""
+"""A corpus as contiguous streams read in `num_steps` windows (design.md, "Data" and "Many devices")."""
 
 import logging
 from functools import cached_property
@@ -8,9 +8,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lm.corpus import Corpus, load_corpus
+from lm.corpus import Corpus, Tokenizer, Vocabulary, load_corpus
 from lm.errors import UserError
-from lm.ptb import URL, ensure_ptb
+from lm.ptb import SPLITS, URL, ensure_ptb
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,12 @@ class WindowDataset(Dataset):
         return self.streams[:, start:end], self.streams[:, start + 1 : end + 1]
 
 
-class PTBDataModule(L.LightningDataModule):
-    """The three PTB splits as in-order windows; each rank reads its own contiguous rows.
+class TextDataModule(L.LightningDataModule):
+    """A corpus's three splits as in-order windows; each rank reads its own contiguous rows.
 
-    `batch_size` is the global number of streams, so results do not depend on the device count.
+    `data=text`: a folder holding train.txt, valid.txt and test.txt (UTF-8, a sentence or
+    paragraph per line). `batch_size` is the global number of streams, so results do not depend
+    on the device count.
     """
 
     def __init__(
@@ -63,7 +65,10 @@ class PTBDataModule(L.LightningDataModule):
         eval_batch_size: int = 20,
         test_batch_size: int = 1,
         test_num_steps: int = 200,
-        url: str = URL,
+        level: str = "word",
+        lowercase: bool = False,
+        min_count: int = 1,
+        max_vocab: int | None = None,
         pin_memory: bool = False,
     ):
         super().__init__()
@@ -74,25 +79,57 @@ class PTBDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.test_batch_size = test_batch_size
         self.test_num_steps = test_num_steps
-        self.url = url
+        self.tokenizer = Tokenizer(level, lowercase)
+        if min_count < 1:
+            raise UserError(f"data.min_count={min_count}: a word must be seen at least once; use 1 or more.")
+        if max_vocab is not None and max_vocab < 3:
+            raise UserError(
+                f"data.max_vocab={max_vocab} leaves no room beside <unk> and <eos>; use 3 or more."
+            )
+        self.min_count = min_count
+        self.max_vocab = max_vocab
         self.pin_memory = pin_memory
         self.streams: dict[str, torch.Tensor] = {}
 
+    def files(self) -> dict[str, Path]:
+        """The split files: `<data.dir>/<split>.txt`."""
+        if not self.dir.is_dir():
+            raise UserError(f"data.dir={self.dir} is not a folder; point it at one holding {_names('.txt')}.")
+        files = {split: self.dir / f"{split}.txt" for split in SPLITS}
+        missing = [path.name for path in files.values() if not path.is_file()]
+        if missing:
+            raise UserError(
+                f"{self.dir} (data.dir) has no {', '.join(missing)}; a corpus needs {_names('.txt')}."
+            )
+        return files
+
     @cached_property
     def corpus(self) -> Corpus:
-        corpus = load_corpus(ensure_ptb(self.dir, self.url), self.cache_dir)
+        corpus = load_corpus(self.files(), self.cache_dir, self.tokenizer, self.min_count, self.max_vocab)
         unknown = corpus.unknown_counts()
         for name, ids in corpus.splits.items():
             if len(ids) == 0:
                 raise UserError(f"The {name} split in {self.dir} (data.dir) holds no tokens.")
             share = 100 * unknown[name] / len(ids)
             log.info("%s: %d tokens, %d of them <unk> (%.2f%%)", name, len(ids), unknown[name], share)
-        log.info("vocabulary: %d types, from the train split of %s", len(corpus.vocab), self.dir)
+        log.info(
+            "vocabulary: %d types (%s level%s, min_count %d, max_vocab %s), from the train split of %s",
+            len(corpus.vocab),
+            self.tokenizer.level,
+            ", lowercased" if self.tokenizer.lowercase else "",
+            self.min_count,
+            self.max_vocab,
+            self.dir,
+        )
         return corpus
 
     @property
     def vocab_size(self) -> int:
         return len(self.corpus.vocab)
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return self.corpus.vocab
 
     def prepare_data(self) -> None:
         """Download, verify and cache on one process per node before the others read the corpus.
@@ -154,3 +191,18 @@ class PTBDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.test_num_steps, full_windows_only=False)
+
+
+class PTBDataModule(TextDataModule):
+    """Mikolov's PTB: ptb.<split>.txt in `dir`, downloaded and MD5-checked when missing."""
+
+    def __init__(self, dir: str, cache_dir: str, url: str = URL, **options):
+        super().__init__(dir, cache_dir, **options)
+        self.url = url
+
+    def files(self) -> dict[str, Path]:
+        return ensure_ptb(self.dir, self.url)
+
+
+def _names(suffix: str) -> str:
+    return ", ".join(f"{split}{suffix}" for split in SPLITS[:-1]) + f" and {SPLITS[-1]}{suffix}"

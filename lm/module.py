@@ -9,6 +9,7 @@ from torch.optim import SGD
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, Metric
 
+from lm.corpus import Vocabulary
 from lm.model import LSTMLanguageModel, State
 
 
@@ -58,6 +59,7 @@ class LanguageModel(L.LightningModule):
         self.save_hyperparameters()
         self.net = LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, init_scale, tie_weights)
         self.summed_nll = summed_nll  # compiled in setup() when asked
+        self.vocabulary: Vocabulary | None = None  # from the datamodule; saved in every checkpoint
         self.train_state: State | None = None
         self.eval_state: State | None = None
         self.train_ppl, self.val_ppl, self.test_ppl = Perplexity(), Perplexity(), Perplexity()
@@ -68,11 +70,22 @@ class LanguageModel(L.LightningModule):
         return self.net(x, state)
 
     def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer else None
+        if self.vocabulary is None and hasattr(datamodule, "vocabulary"):
+            self.vocabulary = datamodule.vocabulary
         # torch.compile fuses the softmax and the loss, forward and backward. Not the network:
         # Dynamo skips any frame that calls nn.LSTM, so the LSTM stays eager (cuDNN on GPU).
         # Compiled here, in the process that trains: ddp_spawn cannot pickle a compiled function.
         if self.hparams.compile and self.summed_nll is summed_nll:
             self.summed_nll = torch.compile(summed_nll)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.vocabulary is not None:
+            checkpoint["vocabulary"] = self.vocabulary.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "vocabulary" in checkpoint:
+            self.vocabulary = Vocabulary.from_state_dict(checkpoint["vocabulary"])
 
     # --- training -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:

@@ -1,0 +1,34 @@
+"""A trained model back from its checkpoint, with its vocabulary, or one clear error."""
+
+from pathlib import Path
+
+import torch
+
+from lm.errors import UserError
+from lm.module import LanguageModel
+
+
+def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> LanguageModel:
+    """The model of a `train.py` checkpoint, in evaluation mode on `device`."""
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"ckpt_path={path} is not a file; give a .ckpt from a run's checkpoints/ folder.")
+    try:
+        model = LanguageModel.load_from_checkpoint(path, map_location="cpu")
+    except Exception as error:  # truncated, corrupt, or not a checkpoint of this project
+        raise UserError(
+            f"ckpt_path={path} cannot be read as a checkpoint of this project ({type(error).__name__}: "
+            f"{error}). It may be truncated or damaged; use another one, such as the run's last.ckpt."
+        ) from error
+    if model.vocabulary is None:
+        raise UserError(f"ckpt_path={path} holds no vocabulary: it was saved before checkpoints carried one.")
+    return model.to(device).eval()
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: the GPU when there is one; else the named device (cpu, cuda, cuda:1)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} asks for a GPU but PyTorch sees none; use device=cpu.")
+    return torch.device(name)

@@ -1,0 +1,88 @@
+"""The log-probability and perplexity of every line of a file under a trained model.
+
+    python score.py ckpt_path=PATH file=sentences.txt                     # each line from a fresh state
+    python score.py ckpt_path=PATH file=sentences.txt carry_state=true format=json
+
+A line's targets are its tokens and its `<eos>`, read after an `<eos>`; log-probabilities are
+natural logs. Writes TSV (line, targets, log_prob, ppl, text) or JSON to `output`, by default
+<run dir>/scores.<format>, and prints the total.
+"""
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from lm.checkpoint import load_model, pick_device
+from lm.corpus import read_text
+from lm.errors import UserError, exit_on_user_error
+from lm.scoring import line_log_probs
+
+log = logging.getLogger("score")
+
+
+def score(cfg: DictConfig) -> dict:
+    if cfg.format not in ("tsv", "json"):
+        raise UserError(f"format={cfg.format} is not an output format; use tsv or json.")
+    device = pick_device(cfg.device)
+    model = load_model(cfg.ckpt_path, device)
+    lines = read_text(Path(cfg.file).expanduser()).splitlines()
+    scores = line_log_probs(model.net, model.vocabulary, lines, cfg.carry_state, device)
+    rows = [
+        {
+            "line": i + 1,
+            "targets": targets,
+            "log_prob": log_prob,
+            "ppl": math.exp(-log_prob / targets),
+            "text": text,
+        }
+        for i, ((targets, log_prob), text) in enumerate(zip(scores, lines, strict=True))
+    ]
+    targets, log_prob = sum(row["targets"] for row in rows), sum(row["log_prob"] for row in rows)
+    total = {
+        "targets": targets,
+        "log_prob": log_prob,
+        "ppl": math.exp(-log_prob / targets) if targets else None,
+    }
+
+    out = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / f"scores.{cfg.format}").expanduser()
+    if cfg.format == "json":
+        out.write_text(
+            json.dumps(
+                {"file": str(cfg.file), "carry_state": cfg.carry_state, "total": total, "lines": rows},
+                indent=2,
+            )
+            + "\n"
+        )
+    else:
+        header = "line\ttargets\tlog_prob\tppl\ttext\n"
+        out.write_text(
+            header
+            + "".join(
+                f"{r['line']}\t{r['targets']}\t{r['log_prob']:.6f}\t{r['ppl']:.4f}\t{r['text']}\n"
+                for r in rows
+            )
+        )
+    log.info(
+        "%d lines, %d targets, log-probability %.4f, perplexity %s; %s",
+        len(rows),
+        targets,
+        log_prob,
+        f"{total['ppl']:.4f}" if targets else "-",
+        out,
+    )
+    return {"total": total, "lines": rows}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="score")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    score(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""evaluate.py, generate.py and score.py on a model trained by train.py on a text folder."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm import PROJECT_ROOT
+from lm.generation import sample
+from lm.model import LSTMLanguageModel
+from tests.conftest import TINY_RUN, random_lines, run_train
+
+
+def run_app(script: str, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / script), *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A word model trained by train.py on a text folder (data=text), with what it reported."""
+    root = tmp_path_factory.mktemp("apps")
+    text = root / "text"
+    text.mkdir()
+    for split, (count, seed) in {"train": (2000, 0), "valid": (200, 1), "test": (200, 2)}.items():
+        (text / f"{split}.txt").write_text("".join(f"{line}\n" for line in random_lines(count, seed)))
+    data = ["data=text", f"data.dir={text}", f"data.cache_dir={root / 'cache'}"]
+    result = run_train(*TINY_RUN, *data, "trainer.max_epochs=3", f"hydra.run.dir={root / 'run'}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((root / "run" / "metrics.json").read_text())
+    return {"root": root, "data": data, "text": text, "metrics": metrics, "ckpt": metrics["best_checkpoint"]}
+
+
+def test_evaluate_gives_the_test_perplexity_train_reported(trained):
+    out = trained["root"] / "evaluate"
+    result = run_app("evaluate.py", f"ckpt_path={trained['ckpt']}", *trained["data"], f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["ppl"] == pytest.approx(trained["metrics"]["test_ppl"], rel=1e-9)
+    lines = (trained["text"] / "test.txt").read_text().splitlines()
+    assert (
+        evaluation["targets"] == sum(len(line.split()) + 1 for line in lines) - 1
+    )  # words and <eos>s, less one
+
+
+def test_evaluate_refuses_data_whose_vocabulary_the_model_does_not_have(trained, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for split in ("train", "valid", "test"):
+        (other / f"{split}.txt").write_text("some other words\n" * 30)
+    result = run_app(
+        "evaluate.py",
+        f"ckpt_path={trained['ckpt']}",
+        "data=text",
+        f"data.dir={other}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 1
+    assert (
+        f"The checkpoint's vocabulary (12 word tokens) is not the one of data.dir={other} (5)"
+        in result.stdout
+    )
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(trained, tmp_path):
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(Path(trained["ckpt"]).read_bytes()[:1000])
+    result = run_app(
+        "score.py",
+        f"ckpt_path={damaged}",
+        f"file={trained['text'] / 'test.txt'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 1
+    assert f"ckpt_path={damaged} cannot be read as a checkpoint of this project" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_line_scores_add_up_to_the_log_probability_of_the_file(trained, tmp_path):
+    file = tmp_path / "sentences.txt"
+    file.write_text("the cat sat on the mat\na zebra\n\nred red red\n")
+    evaluated = run_app(
+        "evaluate.py", f"ckpt_path={trained['ckpt']}", f"file={file}", f"hydra.run.dir={tmp_path / 'e'}"
+    )
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    assert "1 word types of" in evaluated.stdout and "zebra" in evaluated.stdout  # counted as <unk>
+    evaluation = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+
+    carried = run_app(
+        "score.py",
+        f"ckpt_path={trained['ckpt']}",
+        f"file={file}",
+        "carry_state=true",
+        "format=json",
+        f"output={tmp_path / 'carried.json'}",
+        f"hydra.run.dir={tmp_path / 's'}",
+    )
+    assert carried.returncode == 0, carried.stdout + carried.stderr
+    scores = json.loads((tmp_path / "carried.json").read_text())
+    assert [line["targets"] for line in scores["lines"]] == [7, 3, 1, 4]  # words + <eos>
+    assert sum(line["log_prob"] for line in scores["lines"]) == pytest.approx(scores["total"]["log_prob"])
+    assert scores["total"]["targets"] == evaluation["targets"] == 15
+    assert scores["total"]["ppl"] == pytest.approx(evaluation["ppl"], rel=1e-6)
+
+    fresh = run_app(
+        "score.py", f"ckpt_path={trained['ckpt']}", f"file={file}", f"hydra.run.dir={tmp_path / 'f'}"
+    )
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    rows = list(csv.DictReader((tmp_path / "f" / "scores.tsv").open(), delimiter="\t"))
+    assert [row["text"] for row in rows] == file.read_text().splitlines()
+    assert (
+        rows[0]["log_prob"] == f"{scores['lines'][0]['log_prob']:.6f}"
+    )  # the first line: a fresh state either way
+    assert rows[1]["log_prob"] != f"{scores['lines'][1]['log_prob']:.6f}"  # later ones: context or none
+    for row in rows:
+        assert float(row["ppl"]) == pytest.approx(
+            math.exp(-float(row["log_prob"]) / int(row["targets"])), rel=1e-4
+        )
+
+
+def generated(trained, tmp_path, *overrides) -> tuple[list[str], str]:
+    result = run_app("generate.py", f"ckpt_path={trained['ckpt']}", f"hydra.run.dir={tmp_path}", *overrides)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return (tmp_path / "samples.txt").read_text().split("--- sample ")[1:], result.stdout
+
+
+def test_generation_is_reproducible_and_batched_and_reads_unknown_words_as_unk(trained, tmp_path):
+    options = ["prompt=the cat zebra", "num_words=60", "num_samples=3", "top_k=5", "temperature=0.8"]
+    (first, log), (again, _) = (
+        generated(trained, tmp_path / "a", *options),
+        generated(trained, tmp_path / "b", *options),
+    )
+    assert first == again and len(first) == 3 and len(set(first)) == 3
+    assert all(sample.startswith(f"{i + 1}\nthe cat zebra") for i, sample in enumerate(first))
+    assert "Not in the model's vocabulary, read as <unk>: zebra" in log
+    assert all("<eos>" not in sample and sample.count("\n") > 3 for sample in first)  # lines of 3-12 words
+
+
+def test_temperature_zero_is_greedy(trained, tmp_path):
+    greedy, _ = generated(trained, tmp_path, "prompt=the", "temperature=0", "num_samples=2", "num_words=20")
+    assert greedy[0].split("\n", 1)[1] == greedy[1].split("\n", 1)[1]
+
+
+def test_sampling_stays_within_the_top_k_tokens():
+    torch.manual_seed(0)
+    net = LSTMLanguageModel(vocab_size=50, hidden_size=16, num_layers=2, dropout=0.0, init_scale=1.0).eval()
+    prompt = torch.tensor([3, 1, 4])
+    words = sample(
+        net,
+        prompt,
+        num_words=40,
+        num_samples=4,
+        temperature=2.0,
+        top_k=3,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert words.shape == (4, 40)
+    for row in words:
+        logits, _ = net(torch.cat([prompt, row[:-1]]).view(1, -1))
+        top = logits[0, len(prompt) - 1 :].topk(3, dim=-1).indices
+        assert (top == row.view(-1, 1)).any(dim=1).all()
+    assert torch.equal(sample(net, prompt, 40, 4, 0.0), sample(net, prompt, 40, 4, 5.0, top_k=1))  # greedy
+    assert not torch.equal(words, sample(net, prompt, 40, 4, 2.0, 3, torch.Generator().manual_seed(1)))
+    unrestricted = sample(net, prompt, 40, 4, 2.0, None, torch.Generator().manual_seed(0))
+    logits, _ = net(torch.cat([prompt.expand(4, -1), unrestricted[:, :-1]], dim=1))
+    ranks = (
+        logits[:, len(prompt) - 1 :] > logits[:, len(prompt) - 1 :].gather(2, unrestricted.unsqueeze(2))
+    ).sum(2)
+    assert (ranks >= 3).any()  # without top_k, a hot sample leaves the top 3: the test above can fail
