@@ -34,7 +34,7 @@ def evaluate(cfg: DictConfig) -> dict:
         ids, unknown = text_ids(read_text(Path(cfg.file).expanduser()), vocabulary)
         if unknown:
             log.warning(
-                "%d word types of %s are not in the vocabulary and count as <unk>, e.g. %s",
+                "%d token types of %s are not in the vocabulary and count as <unk>, e.g. %s",
                 len(unknown),
                 cfg.file,
                 ", ".join(unknown[:10]),
@@ -54,7 +54,12 @@ def evaluate(cfg: DictConfig) -> dict:
         ids = datamodule.corpus.splits[cfg.split]
         source = {"data_dir": str(datamodule.dir), "split": cfg.split}
 
+    if len(ids) < 2:
+        raise UserError(f"{cfg.file or f'The {cfg.split} split'} holds no token to score.")
+    # One process: the batch-1 pass is one stream (several GPUs would each score all of it).
     overrides = {"enable_checkpointing": False, "enable_progress_bar": False, "devices": 1}
+    if cfg.trainer.gpus:
+        overrides["gpus"] = 1
     trainer = build_trainer(OmegaConf.merge(cfg.trainer, overrides), logger=False)
     (result,) = trainer.test(model, dataloaders=stream_loader(ids, cfg.num_steps), verbose=False)
     evaluation = {

@@ -24,16 +24,21 @@ log = logging.getLogger("generate")
 
 
 def generate(cfg: DictConfig) -> list[str]:
-    if cfg.temperature < 0 or cfg.num_words < 0 or cfg.num_samples < 1 or (cfg.top_k or 0) < 0:
-        raise UserError(
-            f"temperature={cfg.temperature}, num_words={cfg.num_words}, num_samples={cfg.num_samples}, "
-            f"top_k={cfg.top_k}: temperature, num_words and top_k must be 0 or more, num_samples 1 or more."
-        )
+    for key, value, smallest in (
+        ("num_words", cfg.num_words, 0),
+        ("num_samples", cfg.num_samples, 1),
+        ("top_k", cfg.top_k or 0, 0),
+        ("seed", cfg.seed, 0),
+    ):
+        if not isinstance(value, int) or value < smallest:
+            raise UserError(f"{key}={value!r} must be an integer, {smallest} or more.")
+    if not isinstance(cfg.temperature, int | float) or not (cfg.temperature == 0 or cfg.temperature >= 1e-3):
+        raise UserError(f"temperature={cfg.temperature!r} must be 0 (greedy) or a number of at least 0.001.")
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt_path, device)
     vocabulary = model.vocabulary
     prompt = vocabulary.tokenizer.tokens(str(cfg.prompt))
-    unknown = sorted({token for token in prompt if token not in vocabulary.index})
+    unknown = vocabulary.unknown(prompt)
     if unknown:
         log.warning("Not in the model's vocabulary, read as <unk>: %s", ", ".join(unknown))
 

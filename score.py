@@ -8,6 +8,7 @@ natural logs. Writes TSV (line, targets, log_prob, ppl, text) or JSON to `output
 <run dir>/scores.<format>, and prints the total.
 """
 
+import csv
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lm.checkpoint import load_model, pick_device
-from lm.corpus import read_text
+from lm.corpus import read_text, text_lines
 from lm.errors import UserError, exit_on_user_error
 from lm.scoring import line_log_probs
 
@@ -30,7 +31,7 @@ def score(cfg: DictConfig) -> dict:
         raise UserError(f"format={cfg.format} is not an output format; use tsv or json.")
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt_path, device)
-    lines = read_text(Path(cfg.file).expanduser()).splitlines()
+    lines = text_lines(read_text(Path(cfg.file).expanduser()))
     scores = line_log_probs(model.net, model.vocabulary, lines, cfg.carry_state, device)
     rows = [
         {
@@ -50,23 +51,18 @@ def score(cfg: DictConfig) -> dict:
     }
 
     out = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / f"scores.{cfg.format}").expanduser()
-    if cfg.format == "json":
-        out.write_text(
-            json.dumps(
-                {"file": str(cfg.file), "carry_state": cfg.carry_state, "total": total, "lines": rows},
-                indent=2,
-            )
-            + "\n"
-        )
-    else:
-        header = "line\ttargets\tlog_prob\tppl\ttext\n"
-        out.write_text(
-            header
-            + "".join(
-                f"{r['line']}\t{r['targets']}\t{r['log_prob']:.6f}\t{r['ppl']:.4f}\t{r['text']}\n"
-                for r in rows
-            )
-        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as file:
+        if cfg.format == "json":
+            document = {"file": str(cfg.file), "carry_state": cfg.carry_state, "total": total, "lines": rows}
+            file.write(json.dumps(document, indent=2) + "\n")
+        else:  # tab-separated; csv quotes a line that holds a tab or a quote, so columns stay aligned
+            writer = csv.writer(file, delimiter="\t", lineterminator="\n")
+            writer.writerow(["line", "targets", "log_prob", "ppl", "text"])
+            for row in rows:
+                writer.writerow(
+                    [row["line"], row["targets"], f"{row['log_prob']:.6f}", f"{row['ppl']:.4f}", row["text"]]
+                )
     log.info(
         "%d lines, %d targets, log-probability %.4f, perplexity %s; %s",
         len(rows),

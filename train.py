@@ -18,6 +18,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -25,8 +26,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lm.allocator import keep_freed_memory
-from lm.callbacks import TokensPerSecond
-from lm.errors import UserError
+from lm.callbacks import Preempted, TokensPerSecond
+from lm.errors import exit_on_user_error, user_error_in
+from lm.module import Diverged, check_options
+from lm.resume import prepare_run_folder
 from lm.trainer import build_trainer, recover_training_state
 
 log = logging.getLogger("train")
@@ -36,20 +39,42 @@ def train(cfg: DictConfig) -> dict:
     """Fit, test the best checkpoint, and write metrics.json (rank 0); returns the metrics."""
     started = time.perf_counter()
     keep_freed_memory()
+    check_options(**cfg.model)  # before the data is read or downloaded
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resume_from = prepare_run_folder(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)  # checked when resuming
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
+    datamodule.check_divides(trainer.world_size)  # here too: ddp_spawn's workers cannot report it as one line
     log.info(
-        "%.2fM parameters; %d tokens per step (%d streams x %d steps)",
+        "%.2fM parameters; %d tokens per step (%d streams x %d steps)%s",
         sum(p.numel() for p in model.parameters()) / 1e6,
         cfg.data.batch_size * cfg.data.num_steps,
         cfg.data.batch_size,
         cfg.data.num_steps,
+        f"; resuming from {resume_from}" if resume_from else "",
     )
 
-    trainer.fit(model, datamodule=datamodule)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+    except Preempted as stop:
+        log.warning("Stopped by %s. Continue with: python train.py resume=%s", stop, run_dir)
+        sys.exit(0)
+    except Diverged as stop:
+        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        log.error(
+            "Training diverged: %s. The last good checkpoint is %s. Lower model.lr or "
+            "trainer.gradient_clip_val, or look at the data.",
+            stop,
+            last or "none (no epoch had ended)",
+        )
+        metrics = {"status": "diverged", "error": str(stop), "step": stop.step, "lr": stop.lr}
+        if trainer.is_global_zero:
+            write_metrics({**metrics, "val_ppl": None, "test_ppl": None, "last_good_checkpoint": last})
+        return {**metrics, "val_ppl": math.inf}
     recover_training_state(trainer)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
@@ -80,47 +105,52 @@ def train(cfg: DictConfig) -> dict:
 
 
 def hyperparameters(cfg: DictConfig) -> dict:
-    """What tells runs apart: the model's options and the data, schedule and precision settings."""
+    """What tells runs apart: the model's and the data's options (not paths), schedule, precision."""
     model = {f"model.{key}": value for key, value in cfg.model.items() if key != "_target_"}
-    chosen = ("data.batch_size", "data.num_steps", "trainer.max_epochs", "trainer.gradient_clip_val")
-    others = {key: OmegaConf.select(cfg, key) for key in (*chosen, "trainer.precision", "seed")}
-    return {**model, **others}
+    data = {
+        f"data.{key}": value
+        for key, value in cfg.data.items()
+        if key not in ("_target_", "dir", "cache_dir", "url")
+    }
+    chosen = ("trainer.max_epochs", "trainer.gradient_clip_val", "trainer.precision", "seed")
+    return {**model, **data, **{key: OmegaConf.select(cfg, key) for key in chosen}}
 
 
 def write_metrics(metrics: dict) -> None:
-    """<run dir>/metrics.json; a perplexity that is not finite is written as null (JSON has no NaN)."""
+    """<run dir>/metrics.json, replaced at once (a reader never sees half of it); a perplexity
+    that is not finite is written as null (JSON has no NaN)."""
     metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
     path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(metrics, indent=2) + "\n")
+    partial.replace(path)
     log.info(
         "%s: val ppl %s, test ppl %s; %s", metrics["status"], metrics["val_ppl"], metrics["test_ppl"], path
     )
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@exit_on_user_error
 def main(cfg: DictConfig) -> float:
     """The sweepers' objective: the validation perplexity, or inf for a run that diverged or, in a
-    sweep, failed, so that the sweep goes on with a bad trial instead of stopping."""
+    one-process sweep run, failed, so that the sweep goes on with a bad trial instead of stopping.
+    A UserError (a mistake to fix before anything runs) stops the sweep, as does a failure of one
+    process of several (its peers would wait for it forever)."""
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        val_ppl = train(cfg)["val_ppl"]
-    except UserError as error:  # a mistake to fix before anything runs: stop, sweep or not
-        log.error("%s", error)
-        sys.exit(1)
+        metrics = train(cfg)
     except Exception as error:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
+        several_processes = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if user_error_in(error) or not sweep or several_processes:
             raise
         log.exception("This run failed; the sweep goes on with val_ppl=inf for it.")
         if rank_zero_only.rank == 0:
-            write_metrics(
-                {
-                    "status": "failed",
-                    "error": f"{type(error).__name__}: {error}",
-                    "val_ppl": None,
-                    "test_ppl": None,
-                }
-            )
+            failure = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+            write_metrics({**failure, "val_ppl": None, "test_ppl": None})
         return math.inf
-    return val_ppl if math.isfinite(val_ppl) else math.inf
+    if metrics["status"] == "diverged" and not sweep:
+        sys.exit(1)
+    return metrics["val_ppl"] if math.isfinite(metrics["val_ppl"]) else math.inf
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> LanguageMo
     if not path.is_file():
         raise UserError(f"ckpt_path={path} is not a file; give a .ckpt from a run's checkpoints/ folder.")
     try:
-        model = LanguageModel.load_from_checkpoint(path, map_location="cpu")
+        # Not compiled: a run pays compilation back over epochs, one pass over a text does not.
+        model = LanguageModel.load_from_checkpoint(path, map_location="cpu", compile=False)
     except Exception as error:  # truncated, corrupt, or not a checkpoint of this project
         raise UserError(
             f"ckpt_path={path} cannot be read as a checkpoint of this project ({type(error).__name__}: "
@@ -29,6 +30,14 @@ def pick_device(name: str) -> torch.device:
     """`auto`: the GPU when there is one; else the named device (cpu, cuda, cuda:1)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} asks for a GPU but PyTorch sees none; use device=cpu.")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise UserError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N.") from error
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(
+            f"device={name} asks for a GPU PyTorch does not see ({torch.cuda.device_count()}); use cpu."
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device={name}: only cpu and cuda devices are supported.")
+    return device

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 EOS = "<eos>"
 UNK = "<unk>"
-CACHE_FORMAT = 2  # bump when tokenisation or the vocabulary order changes
+CACHE_FORMAT = 3  # bump when tokenisation or the vocabulary order changes
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,29 @@ class Tokenizer:
 
 def read_tokens(path: Path, tokenizer: Tokenizer = Tokenizer()) -> list[str]:
     """The tokens of every line of a UTF-8 file, each line closed by `<eos>`."""
+    return text_tokens(read_text(path), tokenizer)
+
+
+def text_tokens(text: str, tokenizer: Tokenizer) -> list[str]:
     tokens: list[str] = []
-    for line in read_text(path).splitlines():
+    for line in text_lines(text):
         tokens.extend(tokenizer.tokens(line))
         tokens.append(EOS)
     return tokens
 
 
+def text_lines(text: str) -> list[str]:
+    """Lines ended by \\n, \\r\\n or \\r only: str.splitlines() also breaks at form feeds and
+    Unicode separators, which would add sentences to a corpus and shift line numbers."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def read_text(path: Path) -> str:
-    data = Path(path).read_bytes()
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is not a file.")
+    data = path.read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -105,6 +119,10 @@ class Vocabulary:
     def encode(self, tokens: list[str]) -> torch.Tensor:
         unk_id, index = self.unk_id, self.index
         return torch.tensor([index.get(token, unk_id) for token in tokens], dtype=torch.long)
+
+    def unknown(self, tokens: list[str]) -> list[str]:
+        """The distinct tokens that will be read as `<unk>`, sorted."""
+        return sorted({token for token in tokens if token not in self.index})
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return [self.tokens[i] for i in ids.tolist()]

@@ -1,18 +1,22 @@
 """A corpus as contiguous streams read in `num_steps` windows (design.md, "Data" and "Many devices")."""
 
 import logging
+import warnings
 from functools import cached_property
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lm.corpus import Corpus, Tokenizer, Vocabulary, load_corpus
 from lm.errors import UserError
 from lm.ptb import SPLITS, URL, ensure_ptb
 
 log = logging.getLogger(__name__)
+# The windows of a resumed epoch go on where Lightning's restored progress says (`resumed_position`);
+# Lightning cannot see that from the loader and would warn that it is not resumable.
+warnings.filterwarnings("ignore", message="You.re resuming from a checkpoint that ended before the epoch")
 
 
 def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -46,6 +50,35 @@ class WindowDataset(Dataset):
         start = i * self.num_steps
         end = min(start + self.num_steps, self.streams.size(1) - 1)
         return self.streams[:, start:end], self.streams[:, start + 1 : end + 1]
+
+
+def resumed_position(trainer: L.Trainer, windows_per_epoch: int) -> int:
+    """Windows of the current epoch trained before a mid-epoch checkpoint this run resumed from.
+
+    Lightning restores its count of the epoch's batches and goes on from there; the windows and
+    the carried state must go on from the same place (design.md: in order, each once an epoch).
+    0 when not resuming, or when the checkpoint was taken at the end of an epoch.
+    """
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None or not loop.restarting:
+        return 0
+    done = loop.epoch_loop.batch_progress.current.processed  # trained on, whether or not saved after it
+    return done if done < windows_per_epoch else 0
+
+
+class InOrder(Sampler[int]):
+    """Window indices in order; the first pass starts at `start` (a resumed epoch), later ones at 0."""
+
+    def __init__(self, num_windows: int):
+        self.num_windows = num_windows
+        self.start = 0
+
+    def __len__(self) -> int:
+        return self.num_windows  # Lightning counts the epoch's batches from its own restored progress
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        return iter(range(start, self.num_windows))
 
 
 class TextDataModule(L.LightningDataModule):
@@ -163,6 +196,18 @@ class TextDataModule(L.LightningDataModule):
                 )
             self.streams[split] = self._rows_of_rank(streams, rank, world_size, split, batch_key)
 
+    def check_divides(self, world_size: int) -> None:
+        """The global batches must split evenly among the processes (design.md, "Many devices")."""
+        for key, streams in (
+            ("data.batch_size", self.batch_size),
+            ("data.eval_batch_size", self.eval_batch_size),
+        ):
+            if streams % world_size:
+                raise UserError(
+                    f"{key}={streams} streams do not divide among {world_size} processes; "
+                    f"choose a multiple of {world_size}."
+                )
+
     def _rows_of_rank(
         self, streams: torch.Tensor, rank: int, world_size: int, split: str, batch_key: str
     ) -> torch.Tensor:
@@ -170,21 +215,27 @@ class TextDataModule(L.LightningDataModule):
         # the summed NLL and target counts then give the same perplexity.
         if split == "test":
             return streams
-        if streams.size(0) % world_size:
-            raise UserError(
-                f"{batch_key}={streams.size(0)} streams do not divide among {world_size} processes; "
-                f"choose a multiple of {world_size}."
-            )
+        self.check_divides(world_size)
         rows = streams.size(0) // world_size
         return streams[rank * rows : (rank + 1) * rows]
 
     def _loader(self, split: str, num_steps: int, full_windows_only: bool) -> DataLoader:
-        # batch_size=None: each item already is a (streams, num_steps) window; never shuffled.
+        # batch_size=None: each item already is a (streams, num_steps) window; never shuffled. The
+        # loader's own generator keeps its start-up draw off the global RNG that dropout uses, so
+        # a resumed run draws the same dropout masks as one that never stopped.
         dataset = WindowDataset(self.streams[split], num_steps, full_windows_only)
-        return DataLoader(dataset, batch_size=None, shuffle=False, pin_memory=self.pin_memory)
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=InOrder(len(dataset)),
+            pin_memory=self.pin_memory,
+            generator=torch.Generator(),
+        )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.num_steps, full_windows_only=True)
+        loader = self._loader("train", self.num_steps, full_windows_only=True)
+        loader.sampler.start = resumed_position(self.trainer, len(loader)) if self.trainer else 0
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("valid", self.num_steps, full_windows_only=False)

@@ -1,4 +1,4 @@
-"""The one exception type that means "the user can fix this"."""
+"""The one exception type that means "the user can fix this", and how entry points report it."""
 
 import functools
 import logging
@@ -6,9 +6,23 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from omegaconf.errors import MissingMandatoryValue
+
 
 class UserError(Exception):
     """A bad path, config value or input file; entry points print only its message and exit 1."""
+
+
+def user_error_in(error: BaseException | None) -> UserError | None:
+    """The UserError behind `error`: Hydra's `instantiate` wraps those raised in constructors."""
+    while error is not None:
+        if isinstance(error, UserError):
+            return error
+        if isinstance(error, MissingMandatoryValue):
+            key = error.full_key
+            return UserError(f"{key} has no value (??? in the config); give one: {key}=VALUE.")
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def exit_on_user_error(main: Callable) -> Callable:
@@ -18,8 +32,11 @@ def exit_on_user_error(main: Callable) -> Callable:
     def wrapped(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except UserError as error:
-            logging.getLogger(Path(sys.argv[0]).stem).error("%s", error)  # "evaluate", ...
+        except Exception as error:
+            user_error = user_error_in(error)
+            if user_error is None:
+                raise
+            logging.getLogger(Path(sys.argv[0]).stem).error("%s", user_error)  # "train", "evaluate", ...
             sys.exit(1)
 
     return wrapped

@@ -10,6 +10,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, Metric
 
 from lm.corpus import Vocabulary
+from lm.data import resumed_position
+from lm.errors import UserError
 from lm.model import LSTMLanguageModel, State
 
 
@@ -39,6 +41,45 @@ def summed_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
 
 
+class Diverged(Exception):
+    """The training loss stopped being finite; the step that found it was not taken."""
+
+    def __init__(self, step: int, epoch: int, lr: float):
+        super().__init__(f"the training loss is not finite at step {step} (epoch {epoch + 1}, lr {lr:g})")
+        self.step, self.epoch, self.lr = step, epoch, lr
+
+
+def check_options(hidden_size, num_layers, dropout, init_scale, lr, lr_decay, decay_after, **_) -> None:
+    """One clear error, before any work, for a value the model cannot train with."""
+    rules = [
+        (
+            "hidden_size",
+            hidden_size,
+            isinstance(hidden_size, int) and hidden_size >= 1,
+            "an integer, 1 or more",
+        ),
+        ("num_layers", num_layers, isinstance(num_layers, int) and num_layers >= 1, "an integer, 1 or more"),
+        ("dropout", dropout, isinstance(dropout, int | float) and 0 <= dropout < 1, "a number in [0, 1)"),
+        (
+            "init_scale",
+            init_scale,
+            isinstance(init_scale, int | float) and init_scale > 0,
+            "a number above 0",
+        ),
+        ("lr", lr, isinstance(lr, int | float) and lr >= 0, "a number, 0 or more"),
+        ("lr_decay", lr_decay, isinstance(lr_decay, int | float) and lr_decay > 0, "a number above 0"),
+        (
+            "decay_after",
+            decay_after,
+            isinstance(decay_after, int) and decay_after >= 0,
+            "an integer, 0 or more",
+        ),
+    ]
+    for key, value, valid, allowed in rules:
+        if isinstance(value, bool) or not valid:
+            raise UserError(f"model.{key}={value!r} is not allowed: it must be {allowed}.")
+
+
 class LanguageModel(L.LightningModule):
     """Carries the LSTM state across windows, detached; evaluation keeps a state of its own."""
 
@@ -56,10 +97,12 @@ class LanguageModel(L.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
+        check_options(hidden_size, num_layers, dropout, init_scale, lr, lr_decay, decay_after)
         self.save_hyperparameters()
         self.net = LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, init_scale, tie_weights)
         self.summed_nll = summed_nll  # compiled in setup() when asked
         self.vocabulary: Vocabulary | None = None  # from the datamodule; saved in every checkpoint
+        self.run_config: dict | None = None  # train.py's whole configuration, saved likewise
         self.train_state: State | None = None
         self.eval_state: State | None = None
         self.train_ppl, self.val_ppl, self.test_ppl = Perplexity(), Perplexity(), Perplexity()
@@ -82,14 +125,23 @@ class LanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.vocabulary is not None:
             checkpoint["vocabulary"] = self.vocabulary.state_dict()
+        checkpoint["train_state"] = self.train_state  # the carried state, for a mid-epoch resume
+        if self.run_config is not None:
+            checkpoint["run_config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "vocabulary" in checkpoint:
             self.vocabulary = Vocabulary.from_state_dict(checkpoint["vocabulary"])
+        self.train_state = checkpoint.get("train_state")
 
     # --- training -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
-        self.train_state = None  # zero state at every epoch start
+        # A zero state at every epoch start, but a run resumed mid-epoch goes on with the state
+        # its checkpoint carried, from the window where it stopped (the datamodule skips to it).
+        if resumed_position(self.trainer, self.trainer.num_training_batches) and self.train_state:
+            self.train_state = tuple(s.to(self.device) for s in self.train_state)
+        else:
+            self.train_state = None
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -100,6 +152,7 @@ class LanguageModel(L.LightningModule):
         # clipping at 5 reproduce the paper.
         loss = nll / x.size(0)
 
+        self._stop_if_diverged(nll)
         self.train_ppl.update(nll, y.numel())
         if self._logs_this_step():
             # Per token, comparable across num_steps; the mean over ranks is the global loss.
@@ -110,6 +163,21 @@ class LanguageModel(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.log("train/epoch_ppl", self.train_ppl)  # Lightning computes, reduces and resets it
+
+    def _stop_if_diverged(self, nll: torch.Tensor) -> None:
+        """Raise Diverged, before the step is taken, when the loss is not finite.
+
+        Checked every step on a CPU; on a GPU only on logging steps, where the loss is read back
+        anyway, so that no step waits for the device. Ranks decide together, or one would hang.
+        """
+        if self.device.type != "cpu" and not self._logs_this_step():
+            return
+        diverged = not bool(torch.isfinite(nll))
+        if self.trainer.world_size > 1:
+            diverged = self.trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            raise Diverged(step=self.global_step, epoch=self.current_epoch, lr=lr)
 
     def _logs_this_step(self) -> bool:
         """True on the steps after which Lightning writes the logs (every `log_every_n_steps`).

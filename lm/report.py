@@ -25,8 +25,7 @@ def collect(sweep: Path) -> list[dict]:
         raise SystemExit(f"No run folder (one holding .hydra/) in or below {sweep}.")
     rows = []
     for run, label in zip(runs, run_labels(runs), strict=True):
-        path = run / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.exists() else {"status": "no metrics.json"}
+        metrics = read_metrics(run / "metrics.json")
         wall = metrics.get("wall_seconds")
         rows.append(
             {
@@ -41,6 +40,15 @@ def collect(sweep: Path) -> list[dict]:
             }
         )
     return sorted(rows, key=lambda row: row["val_ppl"] if row["val_ppl"] is not None else math.inf)
+
+
+def read_metrics(path: Path) -> dict:
+    if not path.exists():
+        return {"status": "no metrics.json"}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return {"status": f"unreadable metrics.json ({type(error).__name__})"}
 
 
 def formatted(row: dict) -> list[str]:

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from lm.corpus import EOS, Vocabulary
+from lm.corpus import EOS, Vocabulary, text_tokens
 from lm.data import WindowDataset
 from lm.model import LSTMLanguageModel
 
@@ -18,11 +18,8 @@ def stream_loader(ids: torch.Tensor, num_steps: int) -> DataLoader:
 def text_ids(text: str, vocabulary: Vocabulary) -> tuple[torch.Tensor, list[str]]:
     """Ids of `<eos>` + the text's tokens (so that its first token is scored too), and the
     distinct tokens that the vocabulary lacks (they become `<unk>`)."""
-    tokens = [EOS]
-    for line in text.splitlines():
-        tokens += [*vocabulary.tokenizer.tokens(line), EOS]
-    unknown = sorted({token for token in tokens if token not in vocabulary.index})
-    return vocabulary.encode(tokens), unknown
+    tokens = [EOS, *text_tokens(text, vocabulary.tokenizer)]
+    return vocabulary.encode(tokens), vocabulary.unknown(tokens)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """The Lightning Trainer from `cfg.trainer`, with Lightning 1.x's `gpus=` still understood."""
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -8,10 +9,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import Callback, ProgressBar
+
+# Private, but the one way to tell that `ddp` will re-run the command line; a test fails if it moves.
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from lm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def trainer_arguments(trainer_cfg: DictConfig) -> dict[str, Any]:
@@ -54,7 +59,7 @@ def _refuse_to_relaunch_a_sweep(trainer: L.Trainer) -> None:
     torchrun) the processes already exist, so nothing is relaunched."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
-    relaunches = isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
+    relaunches = isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.world_size > 1
     if relaunches and not trainer.strategy.cluster_environment.creates_processes_externally:
         raise UserError(
             f"A Hydra sweep (-m) cannot train on {trainer.world_size} processes with Lightning's ddp "
@@ -75,6 +80,9 @@ def recover_training_state(trainer: L.Trainer) -> None:
     if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is not None:
         return  # trained in this process, or nothing saved
     last = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+    if not last.exists():  # callbacks.model_checkpoint.save_last=false
+        log.warning("No %s: the best score, epochs and tokens/s of this ddp_spawn run are unknown.", last)
+        return
     saved = torch.load(last, map_location="cpu", weights_only=False)
     for callback in trainer.callbacks:
         if callback.state_key in saved["callbacks"]:

@@ -96,7 +96,7 @@ def test_line_scores_add_up_to_the_log_probability_of_the_file(trained, tmp_path
         "evaluate.py", f"ckpt_path={trained['ckpt']}", f"file={file}", f"hydra.run.dir={tmp_path / 'e'}"
     )
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
-    assert "1 word types of" in evaluated.stdout and "zebra" in evaluated.stdout  # counted as <unk>
+    assert "1 token types of" in evaluated.stdout and "zebra" in evaluated.stdout  # counted as <unk>
     evaluation = json.loads((tmp_path / "e" / "evaluation.json").read_text())
 
     carried = run_app(

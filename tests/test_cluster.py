@@ -13,13 +13,17 @@ from tests.conftest import compose_config
 
 
 @pytest.mark.parametrize(
-    ("overrides", "nodes", "per_node"),
-    [(["trainer.gpus=4", "trainer.num_nodes=2"], 2, 4), (["trainer.devices=2"], 1, 2)],
+    ("overrides", "nodes", "tasks", "gpus"),
+    [
+        (["trainer.gpus=4", "trainer.num_nodes=2"], 2, 4, 4),
+        (["trainer.devices=2"], 1, 2, 2),
+        (["trainer.accelerator=cpu", "trainer.devices=2"], 1, 2, 0),
+    ],
 )
-def test_the_slurm_launcher_asks_for_one_task_per_device(overrides, nodes, per_node):
+def test_the_slurm_launcher_asks_for_one_task_per_device(overrides, nodes, tasks, gpus):
     launcher = compose_config("hydra/launcher=slurm", *overrides).hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (nodes, per_node, per_node)
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (nodes, tasks, gpus)
     assert launcher.additional_parameters.signal == "USR1@120"  # Lightning's requeue signal
     assert type(instantiate(launcher)).__name__ == "SlurmLauncher"
 
