@@ -43,20 +43,23 @@ def prepare_run_folder(cfg: DictConfig, run_dir: Path) -> Path | None:
         checkpoint = resume_checkpoint(cfg.resume)
         _check_same_config(cfg, checkpoint)
         return checkpoint
-    checkpoints = run_dir / "checkpoints"
-    if rank_zero_only.rank != 0 or not checkpoints.exists():
+    if rank_zero_only.rank != 0:
         return None
-    if not cfg.overwrite:
+    checkpoints = run_dir / "checkpoints"
+    if cfg.overwrite and checkpoints.exists():
+        for earlier in (checkpoints, run_dir / "tensorboard", run_dir / "metrics.json"):
+            if earlier.is_dir():
+                shutil.rmtree(earlier)
+            elif earlier.exists():
+                earlier.unlink()
+            log.warning("overwrite=true: deleted %s", earlier)
+    try:  # created here, at once: of two runs started in the same second, the second one stops
+        checkpoints.mkdir(parents=True)
+    except FileExistsError:
         raise UserError(
             f"{run_dir} already holds the checkpoints of an earlier run. Resume it with resume={run_dir}, "
             "start a new run in another hydra.run.dir, or add overwrite=true to delete them first."
-        )
-    for earlier in (checkpoints, run_dir / "tensorboard", run_dir / "metrics.json"):
-        if earlier.is_dir():
-            shutil.rmtree(earlier)
-        elif earlier.exists():
-            earlier.unlink()
-        log.warning("overwrite=true: deleted %s", earlier)
+        ) from None
     return None
 
 

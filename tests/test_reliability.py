@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm import PROJECT_ROOT
 from lm.data import PTBDataModule
+from lm.errors import UserError
+from lm.resume import prepare_run_folder
 from tests.conftest import TINY_RUN, random_lines, run_train, write_corpus
 
 # Dropout on, so that only a restored random state can give the same numbers.
@@ -174,3 +177,10 @@ def test_a_bad_configuration_fails_before_any_work_naming_the_key(override, mess
     assert message in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_of_two_runs_started_in_one_folder_the_second_stops(tmp_path):
+    cfg = OmegaConf.create({"resume": None, "overwrite": False})
+    assert prepare_run_folder(cfg, tmp_path) is None  # claims it: checkpoints/ did not exist
+    with pytest.raises(UserError, match=f"{tmp_path} already holds the checkpoints of an earlier run"):
+        prepare_run_folder(cfg, tmp_path)
