@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lm.allocator import keep_freed_memory
@@ -60,9 +61,10 @@ def train(cfg: DictConfig) -> dict:
 
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
-    except Preempted as stop:
-        log.warning("Stopped by %s. Continue with: python train.py resume=%s", stop, run_dir)
-        sys.exit(0)
+    except (Preempted, SIGTERMException) as stop:  # Lightning's own, for a SIGTERM it saw first
+        overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("resume="))
+        log.warning("Stopped by %s. Continue with: python train.py %s resume=%s", stop, overrides, run_dir)
+        return {"status": "preempted", "val_ppl": math.inf}
     except Diverged as stop:
         last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
         log.error(
@@ -148,6 +150,8 @@ def main(cfg: DictConfig) -> float:
             failure = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
             write_metrics({**failure, "val_ppl": None, "test_ppl": None})
         return math.inf
+    if metrics["status"] == "preempted":  # a single run ends cleanly; a sweep is cut short
+        sys.exit(1 if sweep else 0)
     if metrics["status"] == "diverged" and not sweep:
         sys.exit(1)
     return metrics["val_ppl"] if math.isfinite(metrics["val_ppl"]) else math.inf

@@ -97,8 +97,8 @@ class RandomState(L.Callback):
             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
             "python": random.getstate(),
         }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        if torch.cuda.is_initialized():  # this process's GPU; every rank starts from the same seed
+            state["cuda"] = torch.cuda.get_rng_state()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -107,7 +107,7 @@ class RandomState(L.Callback):
         np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         random.setstate(state_dict["python"])
         if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+            torch.cuda.set_rng_state(state_dict["cuda"])
 
 
 class Preempted(Exception):
@@ -141,6 +141,15 @@ class Preemption(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
     ) -> None:
+        # After an epoch's last step the epoch ends first (validation, its checkpoint): a
+        # checkpoint taken here would resume as an ended epoch that had skipped its validation.
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._stop_if_asked(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_asked(trainer)  # a signal during the last step or the validation
+
+    def _stop_if_asked(self, trainer: L.Trainer) -> None:
         requested = self.signal is not None
         if trainer.world_size > 1:  # every rank must stop at the same step
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)

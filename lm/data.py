@@ -194,7 +194,7 @@ class TextDataModule(L.LightningDataModule):
                     f"{batch_key}={batch_size} streams of {streams.size(1)} tokens, too short for "
                     f"one window of {steps_key}={num_steps}. Lower {batch_key} or {steps_key}."
                 )
-            self.streams[split] = self._rows_of_rank(streams, rank, world_size, split, batch_key)
+            self.streams[split] = self._rows_of_rank(streams, rank, world_size, split)
 
     def check_divides(self, world_size: int) -> None:
         """The global batches must split evenly among the processes (design.md, "Many devices")."""
@@ -208,9 +208,7 @@ class TextDataModule(L.LightningDataModule):
                     f"choose a multiple of {world_size}."
                 )
 
-    def _rows_of_rank(
-        self, streams: torch.Tensor, rank: int, world_size: int, split: str, batch_key: str
-    ) -> torch.Tensor:
+    def _rows_of_rank(self, streams: torch.Tensor, rank: int, world_size: int, split: str) -> torch.Tensor:
         # The batch-1 test protocol cannot be split: every rank scores the whole test stream and
         # the summed NLL and target counts then give the same perplexity.
         if split == "test":

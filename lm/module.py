@@ -10,7 +10,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, Metric
 
 from lm.corpus import Vocabulary
-from lm.data import resumed_position
 from lm.errors import UserError
 from lm.model import LSTMLanguageModel, State
 
@@ -25,8 +24,10 @@ class Perplexity(Metric):
 
     def __init__(self) -> None:
         super().__init__()
-        self.add_state("nll_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        # Persistent: a run resumed mid-epoch goes on with the epoch's sums so far.
+        zero = torch.tensor(0.0, dtype=torch.float64)
+        self.add_state("nll_sum", zero.clone(), dist_reduce_fx="sum", persistent=True)
+        self.add_state("count", zero.clone(), dist_reduce_fx="sum", persistent=True)
 
     def update(self, nll_sum: torch.Tensor, count: int) -> None:
         self.nll_sum += nll_sum.detach()
@@ -42,10 +43,10 @@ def summed_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class Diverged(Exception):
-    """The training loss stopped being finite; the step that found it was not taken."""
+    """The training loss or the weights stopped being finite; nothing after that was saved."""
 
-    def __init__(self, step: int, epoch: int, lr: float):
-        super().__init__(f"the training loss is not finite at step {step} (epoch {epoch + 1}, lr {lr:g})")
+    def __init__(self, step: int, epoch: int, lr: float, what: str = "the training loss"):
+        super().__init__(f"{what} is not finite at step {step} (epoch {epoch + 1}, lr {lr:g})")
         self.step, self.epoch, self.lr = step, epoch, lr
 
 
@@ -125,26 +126,39 @@ class LanguageModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.vocabulary is not None:
             checkpoint["vocabulary"] = self.vocabulary.state_dict()
-        checkpoint["train_state"] = self.train_state  # the carried state, for a mid-epoch resume
+        checkpoint["train_state"] = self._all_ranks_state()  # the carried state, for a mid-epoch resume
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "vocabulary" in checkpoint:
             self.vocabulary = Vocabulary.from_state_dict(checkpoint["vocabulary"])
-        self.train_state = checkpoint.get("train_state")
+        state = checkpoint.get("train_state")
+        if state is not None and self._trainer is not None and self.trainer.world_size > 1:
+            rows = state[0].size(1) // self.trainer.world_size  # this rank's streams
+            state = tuple(
+                s[:, self.trainer.global_rank * rows : (self.trainer.global_rank + 1) * rows] for s in state
+            )
+        self.train_state = state
+
+    def _all_ranks_state(self) -> State | None:
+        """The carried state of all streams: each rank holds its own rows (called on every rank)."""
+        if self.train_state is None or self._trainer is None or self.trainer.world_size == 1:
+            return self.train_state
+        gathered = (self.all_gather(s) for s in self.train_state)  # (ranks, layers, rows, hidden)
+        return tuple(g.transpose(0, 1).flatten(1, 2) for g in gathered)
 
     # --- training -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
-        # A zero state at every epoch start, but a run resumed mid-epoch goes on with the state
-        # its checkpoint carried, from the window where it stopped (the datamodule skips to it).
-        if resumed_position(self.trainer, self.trainer.num_training_batches) and self.train_state:
-            self.train_state = tuple(s.to(self.device) for s in self.train_state)
-        else:
-            self.train_state = None
+        # A zero state at every epoch start. (Lightning does not call this hook when it resumes
+        # in the middle of an epoch: the checkpoint's state and sums then go on.)
+        self.train_state = None
+        self.train_ppl.reset()  # a checkpoint taken after validation still holds the last epoch's sums
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        if self.train_state is not None and self.train_state[0].device != x.device:  # loaded on the CPU
+            self.train_state = tuple(s.to(x.device) for s in self.train_state)
         logits, state = self.net(x, self.train_state)
         self.train_state = (state[0].detach(), state[1].detach())  # truncated BPTT
         nll = self.summed_nll(logits, y)
@@ -176,8 +190,18 @@ class LanguageModel(L.LightningModule):
         if self.trainer.world_size > 1:
             diverged = self.trainer.strategy.reduce_boolean_decision(diverged, all=False)
         if diverged:
+            raise Diverged(
+                self.global_step, self.current_epoch, self.trainer.optimizers[0].param_groups[0]["lr"]
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        # The loss shows bad weights a step (on a GPU up to log_every_n_steps) later; an epoch end
+        # in between must not let the checkpoint callback save them as the last good ones.
+        if self.trainer.state.fn == "fit" and not all(
+            bool(torch.isfinite(p).all()) for p in self.parameters()
+        ):
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            raise Diverged(step=self.global_step, epoch=self.current_epoch, lr=lr)
+            raise Diverged(self.global_step, self.current_epoch, lr, what="the weights")
 
     def _logs_this_step(self) -> bool:
         """True on the steps after which Lightning writes the logs (every `log_every_n_steps`).

@@ -48,10 +48,10 @@ def uninterrupted(corpus, tmp_path_factory) -> Path:
     return run
 
 
-def val_curve(run: Path) -> list[float]:
+def epoch_curves(run: Path) -> dict[str, list[float]]:
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
-    return [event.value for event in events.Scalars("val/ppl")]
+    return {tag: [event.value for event in events.Scalars(tag)] for tag in ("val/ppl", "train/epoch_ppl")}
 
 
 def parameters(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -59,7 +59,7 @@ def parameters(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
-    assert val_curve(run) == val_curve(reference)  # every epoch, into the same TensorBoard run
+    assert epoch_curves(run) == epoch_curves(reference)  # every epoch, into the same TensorBoard run
     metrics, expected = (json.loads((r / "metrics.json").read_text()) for r in (run, reference))
     assert (metrics["val_ppl"], metrics["test_ppl"], metrics["epochs"]) == (
         expected["val_ppl"],
@@ -97,12 +97,14 @@ def test_sigterm_saves_the_run_mid_epoch_and_it_resumes_exactly(corpus, uninterr
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
-    assert "Stopped by SIGTERM at step" in output and f"python train.py resume={run}" in output
+    assert "Stopped by SIGTERM at step" in output
     stopped_at = int(output.split("Stopped by SIGTERM at step ")[1].split(":")[0])
     assert STEPS < stopped_at < 2 * STEPS  # in the middle of the second epoch
     assert not (run / "metrics.json").exists()
 
-    resumed = run_train(*EXACT, *corpus, f"resume={run}")
+    command = output.split("Continue with: python train.py ")[1].splitlines()[0].split()  # as printed
+    assert command[-1] == f"resume={run}"
+    resumed = run_train(*command)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_same_run(run, uninterrupted)
 
@@ -169,6 +171,10 @@ def test_a_diverging_run_stops_at_the_first_bad_step_and_keeps_the_last_good_che
         ("model.num_layers=two", "model.num_layers='two' is not allowed: it must be an integer, 1 or more."),
         ("model=huge", "Available options in 'model':\n\tlarge\n\tmedium\n\tsmall"),
         ("model.hiden_size=3", "Could not override 'model.hiden_size'"),
+        (
+            "resume=/nonexistent/run",
+            "resume=/nonexistent/run: no /nonexistent/run in a run's checkpoints/ folder",
+        ),
     ],
 )
 def test_a_bad_configuration_fails_before_any_work_naming_the_key(override, message, tmp_path):
@@ -182,5 +188,14 @@ def test_a_bad_configuration_fails_before_any_work_naming_the_key(override, mess
 def test_of_two_runs_started_in_one_folder_the_second_stops(tmp_path):
     cfg = OmegaConf.create({"resume": None, "overwrite": False})
     assert prepare_run_folder(cfg, tmp_path) is None  # claims it: checkpoints/ did not exist
-    with pytest.raises(UserError, match=f"{tmp_path} already holds the checkpoints of an earlier run"):
+    with pytest.raises(UserError, match=f"{tmp_path} already holds an empty checkpoints/ folder"):
         prepare_run_folder(cfg, tmp_path)
+
+
+def test_a_requeued_slurm_job_goes_on_in_its_folder(tmp_path, monkeypatch):
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "42"}.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"saved by Lightning before the requeue")
+    cfg = OmegaConf.create({"resume": None, "overwrite": False})
+    assert prepare_run_folder(cfg, tmp_path) is None  # no refusal: Lightning resumes from hpc_ckpt_1
