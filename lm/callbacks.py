@@ -147,11 +147,16 @@ class Preemption(L.Callback):
             self._stop_if_asked(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stop_if_asked(trainer)  # a signal during the last step or the validation
+        self._stop_if_asked(trainer, epoch_end=True)  # a signal during the last step or the validation
 
-    def _stop_if_asked(self, trainer: L.Trainer) -> None:
+    def _stop_if_asked(self, trainer: L.Trainer, epoch_end: bool = False) -> None:
         requested = self.signal is not None
-        if trainer.world_size > 1:  # every rank must stop at the same step
+        if trainer.world_size > 1:
+            # Every rank must stop at the same step. Agreeing costs a collective and a host sync,
+            # so ranks only compare notes on logging steps and at epoch ends (a preemption's
+            # grace period is far longer than log_every_n_steps steps).
+            if not epoch_end and (trainer.global_step + 1) % trainer.log_every_n_steps:
+                return
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
         if requested:
             path = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"

@@ -181,10 +181,11 @@ class LanguageModel(L.LightningModule):
     def _stop_if_diverged(self, nll: torch.Tensor) -> None:
         """Raise Diverged, before the step is taken, when the loss is not finite.
 
-        Checked every step on a CPU; on a GPU only on logging steps, where the loss is read back
-        anyway, so that no step waits for the device. Ranks decide together, or one would hang.
+        Checked every step in one CPU process; on a GPU, or with several processes (which must
+        decide together, or one would hang), only on logging steps, where the loss is read back
+        anyway, so that no step waits for the device or the other ranks.
         """
-        if self.device.type != "cpu" and not self._logs_this_step():
+        if (self.device.type != "cpu" or self.trainer.world_size > 1) and not self._logs_this_step():
             return
         diverged = not bool(torch.isfinite(nll))
         if self.trainer.world_size > 1:
