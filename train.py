@@ -62,8 +62,11 @@ def train(cfg: DictConfig) -> dict:
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     except (Preempted, SIGTERMException) as stop:  # Lightning's own, for a SIGTERM it saw first
+        reason = (
+            str(stop) or f"SIGTERM at step {trainer.global_step}: saved {run_dir / 'checkpoints/last.ckpt'}"
+        )
         overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("resume="))
-        log.warning("Stopped by %s. Continue with: python train.py %s resume=%s", stop, overrides, run_dir)
+        log.warning("Stopped by %s. Continue with: python train.py %s resume=%s", reason, overrides, run_dir)
         return {"status": "preempted", "val_ppl": math.inf}
     except Diverged as stop:
         last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""

@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class TokensPerSecond(L.Callback):
@@ -163,6 +164,14 @@ class Preemption(L.Callback):
             trainer.save_checkpoint(path)
             name = signal.Signals(self.signal or signal.SIGTERM).name
             raise Preempted(f"{name} at step {trainer.global_step}: saved {path}")
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning's own SIGTERM stop (at an epoch's end; with several processes, at the next
+        # step) came first: save there too, between two steps as well.
+        if isinstance(exception, SIGTERMException) and trainer.checkpoint_callback:
+            trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "last.ckpt")
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
