@@ -41,13 +41,17 @@ def random_lines(count: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(count)]
 
 
-@pytest.fixture
-def tiny_corpus(tmp_path: Path) -> Path:
+def write_tiny_corpus(folder: Path, train_lines: int = 2000) -> Path:
     """About 17k / 1.7k / 1.7k tokens of random words: enough for a few windows of every split."""
     return write_corpus(
-        tmp_path / "tiny",
-        {"train": random_lines(2000, 0), "valid": random_lines(200, 1), "test": random_lines(200, 2)},
+        folder,
+        {"train": random_lines(train_lines, 0), "valid": random_lines(200, 1), "test": random_lines(200, 2)},
     )
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    return write_tiny_corpus(tmp_path / "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -91,10 +95,15 @@ TINY_RUN = [
 
 def run_train(*overrides: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
     """`python train.py` as a user runs it, in a subprocess; its log is in `.stdout`."""
+    return run_script("train.py", *overrides, cwd=cwd)
+
+
+def run_script(script: str, *overrides: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
+    """`python <script>` (train.py, evaluate.py, ...) in a subprocess, on the CPU as in CI."""
     # CPU only, as CI: the same numbers on any machine, and the no-GPU error path is real.
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "train.py"), *overrides],
+        [sys.executable, str(PROJECT_ROOT / script), *overrides],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -107,10 +116,7 @@ def run_train(*overrides: str, cwd: Path = PROJECT_ROOT) -> subprocess.Completed
 def grid_sweep(tmp_path_factory) -> Path:
     """`python train.py -m model.dropout=0.0,0.3` on a tiny corpus: a sweep folder of two runs."""
     root = tmp_path_factory.mktemp("grid")
-    corpus = write_corpus(
-        root / "tiny",
-        {"train": random_lines(2000, 0), "valid": random_lines(200, 1), "test": random_lines(200, 2)},
-    )
+    corpus = write_tiny_corpus(root / "tiny")
     result = run_train(
         "-m",
         *TINY_RUN,

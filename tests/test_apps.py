@@ -3,29 +3,14 @@
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from lm import PROJECT_ROOT
 from lm.generation import sample
 from lm.model import LSTMLanguageModel
-from tests.conftest import TINY_RUN, random_lines, run_train
-
-
-def run_app(script: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / script), *overrides],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+from tests.conftest import TINY_RUN, random_lines, run_script, run_train
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +30,9 @@ def trained(tmp_path_factory) -> dict:
 
 def test_evaluate_gives_the_test_perplexity_train_reported(trained):
     out = trained["root"] / "evaluate"
-    result = run_app("evaluate.py", f"ckpt_path={trained['ckpt']}", *trained["data"], f"hydra.run.dir={out}")
+    result = run_script(
+        "evaluate.py", f"ckpt_path={trained['ckpt']}", *trained["data"], f"hydra.run.dir={out}"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["ppl"] == pytest.approx(trained["metrics"]["test_ppl"], rel=1e-9)
@@ -60,7 +47,7 @@ def test_evaluate_refuses_data_whose_vocabulary_the_model_does_not_have(trained,
     other.mkdir()
     for split in ("train", "valid", "test"):
         (other / f"{split}.txt").write_text("some other words\n" * 30)
-    result = run_app(
+    result = run_script(
         "evaluate.py",
         f"ckpt_path={trained['ckpt']}",
         "data=text",
@@ -78,7 +65,7 @@ def test_evaluate_refuses_data_whose_vocabulary_the_model_does_not_have(trained,
 def test_a_damaged_checkpoint_is_a_clear_error(trained, tmp_path):
     damaged = tmp_path / "damaged.ckpt"
     damaged.write_bytes(Path(trained["ckpt"]).read_bytes()[:1000])
-    result = run_app(
+    result = run_script(
         "score.py",
         f"ckpt_path={damaged}",
         f"file={trained['text'] / 'test.txt'}",
@@ -92,14 +79,14 @@ def test_a_damaged_checkpoint_is_a_clear_error(trained, tmp_path):
 def test_line_scores_add_up_to_the_log_probability_of_the_file(trained, tmp_path):
     file = tmp_path / "sentences.txt"
     file.write_text("the cat sat on the mat\na zebra\n\nred red red\n")
-    evaluated = run_app(
+    evaluated = run_script(
         "evaluate.py", f"ckpt_path={trained['ckpt']}", f"file={file}", f"hydra.run.dir={tmp_path / 'e'}"
     )
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
     assert "1 token types of" in evaluated.stdout and "zebra" in evaluated.stdout  # counted as <unk>
     evaluation = json.loads((tmp_path / "e" / "evaluation.json").read_text())
 
-    carried = run_app(
+    carried = run_script(
         "score.py",
         f"ckpt_path={trained['ckpt']}",
         f"file={file}",
@@ -115,7 +102,7 @@ def test_line_scores_add_up_to_the_log_probability_of_the_file(trained, tmp_path
     assert scores["total"]["targets"] == evaluation["targets"] == 15
     assert scores["total"]["ppl"] == pytest.approx(evaluation["ppl"], rel=1e-6)
 
-    fresh = run_app(
+    fresh = run_script(
         "score.py", f"ckpt_path={trained['ckpt']}", f"file={file}", f"hydra.run.dir={tmp_path / 'f'}"
     )
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
@@ -132,7 +119,9 @@ def test_line_scores_add_up_to_the_log_probability_of_the_file(trained, tmp_path
 
 
 def generated(trained, tmp_path, *overrides) -> tuple[list[str], str]:
-    result = run_app("generate.py", f"ckpt_path={trained['ckpt']}", f"hydra.run.dir={tmp_path}", *overrides)
+    result = run_script(
+        "generate.py", f"ckpt_path={trained['ckpt']}", f"hydra.run.dir={tmp_path}", *overrides
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return (tmp_path / "samples.txt").read_text().split("--- sample ")[1:], result.stdout
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import TINY_RUN, random_lines, run_train, write_corpus
+from tests.conftest import TINY_RUN, run_train, write_tiny_corpus
 
 TWO_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 # Only the summation order of float32 sums differs (measured: 3e-6 at most); a rank reading the
@@ -18,10 +18,7 @@ TOLERANCE = 2e-5
 def tiny(tmp_path_factory) -> tuple[Path, list[str]]:
     """A folder for the module's runs, and the overrides of an exact run (dropout 0, every step logged)."""
     root = tmp_path_factory.mktemp("distributed")
-    corpus = write_corpus(
-        root / "tiny",
-        {"train": random_lines(2000, 0), "valid": random_lines(200, 1), "test": random_lines(200, 2)},
-    )
+    corpus = write_tiny_corpus(root / "tiny")
     overrides = [*TINY_RUN, f"data.dir={corpus}", f"data.cache_dir={root / 'cache'}"]
     return root, [*overrides, "model.dropout=0.0", "trainer.log_every_n_steps=1"]
 

@@ -22,7 +22,7 @@ from lm.data import PTBDataModule
 from lm.errors import UserError
 from lm.module import LanguageModel
 from lm.resume import prepare_run_folder
-from tests.conftest import TINY_RUN, random_lines, run_train, write_corpus
+from tests.conftest import TINY_RUN, run_train, write_tiny_corpus
 
 # Dropout on, so that only a restored random state can give the same numbers.
 EXACT = [*TINY_RUN, "model.dropout=0.3", "trainer.log_every_n_steps=1"]
@@ -33,10 +33,7 @@ STEPS = 636  # training steps in an epoch of the corpus below (8 streams of 20-t
 def corpus(tmp_path_factory) -> list[str]:
     """A corpus long enough for a signal to land in the middle of an epoch (STEPS each)."""
     root = tmp_path_factory.mktemp("reliability")
-    folder = write_corpus(
-        root / "data",
-        {"train": random_lines(12000, 0), "valid": random_lines(200, 1), "test": random_lines(200, 2)},
-    )
+    folder = write_tiny_corpus(root / "data", train_lines=12000)
     data = PTBDataModule(
         dir=folder, cache_dir=root / "cache", url="file:///nowhere", batch_size=8, num_steps=20
     )

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tests.conftest import TINY_RUN, compose_config, random_lines, run_train, write_corpus
+from tests.conftest import TINY_RUN, compose_config, run_train, write_tiny_corpus
 
 SCALAR_GROUPS = ("train/", "val/", "test/", "throughput/", "hparams/")
 
@@ -101,10 +101,7 @@ def test_a_run_that_diverges_or_fails_is_a_bad_value_and_the_sweep_goes_on(tiny_
 def optuna_sweep(tmp_path_factory) -> Path:
     """Two trials of `hparams_search=ptb_optuna` on a tiny corpus (hidden size fixed to stay small)."""
     root = tmp_path_factory.mktemp("optuna")
-    corpus = write_corpus(
-        root / "tiny",
-        {"train": random_lines(2000, 0), "valid": random_lines(200, 1), "test": random_lines(200, 2)},
-    )
+    corpus = write_tiny_corpus(root / "tiny")
     result = run_train(
         "-m",
         "hparams_search=ptb_optuna",
