@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lm.allocator import keep_freed_memory
 from lm.callbacks import TokensPerSecond
+from lm.model import map_state
 from lm.trainer import build_trainer
 
 log = logging.getLogger("bench")
@@ -66,7 +67,7 @@ class PlainLoop:
         for _ in range(steps):
             x, y = (t.to(self.device, non_blocking=True) for t in next(windows))
             logits, state = self.net(x, state)
-            state = tuple(s.detach() for s in state)
+            state = map_state(torch.Tensor.detach, state)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / x.size(0)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

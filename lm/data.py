@@ -26,30 +26,50 @@ def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 class WindowDataset(Dataset):
-    """Window i of the streams: x = streams[:, i*T:(i+1)*T] and y = x shifted by one token.
+    """Window i of the streams: x = streams[:, start:end] and y = x shifted by one token.
 
-    Training keeps only full windows; evaluation also takes the last, shorter one so that every
-    target of the split is scored exactly once.
+    Windows of `num_steps`, or of the given `lengths` in order (variable windows), each starting
+    where the last one ended. Training keeps only full windows; evaluation also takes the last,
+    shorter one so that every target of the split is scored exactly once.
     """
 
-    def __init__(self, streams: torch.Tensor, num_steps: int, full_windows_only: bool):
+    def __init__(
+        self,
+        streams: torch.Tensor,
+        num_steps: int,
+        full_windows_only: bool,
+        lengths: list[int] | None = None,
+    ):
         self.streams = streams
-        self.num_steps = num_steps
-        targets_per_stream = streams.size(1) - 1
-        if full_windows_only:
-            self.num_windows = targets_per_stream // num_steps
-        else:
-            self.num_windows = -(-targets_per_stream // num_steps)
+        targets = streams.size(1) - 1
+        if lengths is None:
+            lengths = [num_steps] * (targets // num_steps if full_windows_only else -(-targets // num_steps))
+        ends = torch.tensor(lengths, dtype=torch.long).cumsum(0).clamp(max=targets).tolist()
+        self.bounds = [(start, end) for start, end in zip([0, *ends][:-1], ends, strict=True) if end > start]
 
     def __len__(self) -> int:
-        return self.num_windows
+        return len(self.bounds)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < self.num_windows:
+        if not 0 <= i < len(self.bounds):
             raise IndexError(i)
-        start = i * self.num_steps
-        end = min(start + self.num_steps, self.streams.size(1) - 1)
+        start, end = self.bounds[i]
         return self.streams[:, start:end], self.streams[:, start + 1 : end + 1]
+
+
+def variable_lengths(targets: int, num_steps: int, generator: torch.Generator) -> list[int]:
+    """AWD-LSTM's window lengths (Merity et al. 2017), drawn until `targets` are covered.
+
+    Mostly about num_steps, one in twenty about half of it, so that windows start at every
+    offset from epoch to epoch: length = max(5, int(N(base, 5))), at most num_steps + 20.
+    """
+    lengths, covered = [], 0
+    while covered < targets:
+        base = num_steps if torch.rand(1, generator=generator).item() < 0.95 else num_steps / 2
+        length = max(5, int(torch.normal(base, 5.0, (1,), generator=generator).item()))
+        lengths.append(min(length, num_steps + 20, targets - covered))
+        covered += lengths[-1]
+    return lengths
 
 
 def resumed_position(trainer: L.Trainer, windows_per_epoch: int) -> int:
@@ -103,6 +123,8 @@ class TextDataModule(L.LightningDataModule):
         min_count: int = 1,
         max_vocab: int | None = None,
         pin_memory: bool = False,
+        vary_num_steps: bool = False,
+        seed: int = 1,
     ):
         super().__init__()
         self.dir = Path(dir).expanduser()
@@ -122,6 +144,7 @@ class TextDataModule(L.LightningDataModule):
         self.min_count = min_count
         self.max_vocab = max_vocab
         self.pin_memory = pin_memory
+        self.vary_num_steps, self.seed = vary_num_steps, seed
         self.streams: dict[str, torch.Tensor] = {}
 
     def files(self) -> dict[str, Path]:
@@ -217,11 +240,13 @@ class TextDataModule(L.LightningDataModule):
         rows = streams.size(0) // world_size
         return streams[rank * rows : (rank + 1) * rows]
 
-    def _loader(self, split: str, num_steps: int, full_windows_only: bool) -> DataLoader:
+    def _loader(
+        self, split: str, num_steps: int, full_windows_only: bool, lengths: list[int] | None = None
+    ) -> DataLoader:
         # batch_size=None: each item already is a (streams, num_steps) window; never shuffled. The
         # loader's own generator keeps its start-up draw off the global RNG that dropout uses, so
         # a resumed run draws the same dropout masks as one that never stopped.
-        dataset = WindowDataset(self.streams[split], num_steps, full_windows_only)
+        dataset = WindowDataset(self.streams[split], num_steps, full_windows_only, lengths)
         return DataLoader(
             dataset,
             batch_size=None,
@@ -231,7 +256,15 @@ class TextDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train", self.num_steps, full_windows_only=True)
+        lengths = None
+        if self.vary_num_steps and self.trainer:
+            # New windows each epoch, the same ones for every rank and for a resumed epoch: drawn
+            # from the run's seed and the epoch. Their number changes, so Lightning must ask for
+            # a new loader every epoch.
+            self.trainer.reload_dataloaders_every_n_epochs = 1
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.trainer.current_epoch)
+            lengths = variable_lengths(self.streams["train"].size(1) - 1, self.num_steps, generator)
+        loader = self._loader("train", self.num_steps, full_windows_only=True, lengths=lengths)
         loader.sampler.start = resumed_position(self.trainer, len(loader)) if self.trainer else 0
         return loader
 

@@ -1,13 +1,52 @@
-"""The network of Zaremba et al. (2014): embedding -> dropout -> LSTM -> dropout -> linear."""
+"""The network: embedding -> LSTM layers -> linear, with Zaremba's dropout or AWD-LSTM's regularisers.
+
+Zaremba et al. (2014) use dropout on the non-recurrent connections only. AWD-LSTM (Merity et al.,
+2017) adds locked dropout, embedding (word) dropout and DropConnect on the recurrent weights; each
+of those is off by default, and with all of them off the layers run as one multi-layer nn.LSTM
+(one cuDNN call on GPU), so the Zaremba presets keep their numbers and their speed.
+"""
+
+import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (num_layers, batch, hidden_size)
+# The carried state: one (h, c) per nn.LSTM of the stack, each (layers, batch, size).
+State = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def map_state(fn, state: State | None) -> State | None:
+    """`fn` applied to every tensor of a state (detach, move, slice); None stays None."""
+    return None if state is None else [(fn(h), fn(c)) for h, c in state]
+
+
+def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout of x (batch, steps, features) with one mask per sequence, the same at every step."""
+    if not training or p == 0:
+        return x
+    mask = x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(1 - p) / (1 - p)
+    return x * mask
+
+
+def embedding_dropout(embedding: nn.Embedding, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Embeddings of x with whole words dropped: a dropped word is zero wherever it occurs in the batch."""
+    if not training or p == 0:
+        return embedding(x)
+    keep = embedding.weight.new_empty(embedding.weight.size(0), 1).bernoulli_(1 - p) / (1 - p)
+    return F.embedding(x, embedding.weight * keep)
 
 
 class LSTMLanguageModel(nn.Module):
-    """Word-level LSTM LM; dropout only on non-recurrent connections, every weight uniform."""
+    """Word-level LSTM LM. Options beyond Zaremba's are AWD-LSTM's, all off by default.
+
+    `dropout`: Zaremba's, a new mask per step on the embedding output, between layers and on the
+    output. `input_dropout`, `hidden_dropout`, `output_dropout`: locked (variational) dropout at
+    the same three places. `embedding_dropout`: drops whole words. `weight_drop`: DropConnect on
+    each layer's hidden-to-hidden weights, a new mask per window. With `tie_weights` the decoder
+    shares the embedding matrix; when `embedding_size` differs from `hidden_size` the last layer
+    has `embedding_size` units, as in AWD-LSTM.
+    """
 
     def __init__(
         self,
@@ -17,19 +56,84 @@ class LSTMLanguageModel(nn.Module):
         dropout: float,
         init_scale: float,
         tie_weights: bool = False,
+        embedding_size: int | None = None,
+        input_dropout: float = 0.0,
+        hidden_dropout: float = 0.0,
+        output_dropout: float = 0.0,
+        embedding_dropout: float = 0.0,
+        weight_drop: float = 0.0,
+        init: str = "uniform",
     ):
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, hidden_size)
+        embedding_size = embedding_size or hidden_size
+        self.input_dropout, self.hidden_dropout, self.output_dropout = (
+            input_dropout,
+            hidden_dropout,
+            output_dropout,
+        )
+        self.embedding_dropout, self.weight_drop = embedding_dropout, weight_drop
+        self.embedding = nn.Embedding(vocab_size, embedding_size)
         self.dropout = nn.Dropout(dropout)
-        # nn.LSTM runs cuDNN on GPU; its `dropout` acts between layers only.
-        self.lstm = nn.LSTM(hidden_size, hidden_size, num_layers, dropout=dropout, batch_first=True)
-        self.decoder = nn.Linear(hidden_size, vocab_size)
-        for parameter in self.parameters():
-            nn.init.uniform_(parameter, -init_scale, init_scale)
-        if tie_weights:  # Press & Wolf (2017); off in the Zaremba presets
+        last_size = embedding_size if tie_weights else hidden_size
+        sizes = [embedding_size] + [hidden_size] * (num_layers - 1) + [last_size]
+        if hidden_dropout or weight_drop or len(set(sizes)) > 1:  # needs a hand between the layers
+            self.rnns = nn.ModuleList(
+                nn.LSTM(sizes[i], sizes[i + 1], batch_first=True) for i in range(num_layers)
+            )
+        else:  # nn.LSTM's `dropout` acts between layers only
+            self.rnns = nn.ModuleList(
+                [nn.LSTM(hidden_size, hidden_size, num_layers, dropout=dropout, batch_first=True)]
+            )
+        self.decoder = nn.Linear(last_size, vocab_size)
+        if init == "uniform":  # Zaremba: every weight uniform in [-init_scale, init_scale]
+            for parameter in self.parameters():
+                nn.init.uniform_(parameter, -init_scale, init_scale)
+        elif init == "awd":  # AWD-LSTM: embedding uniform, decoder bias 0, LSTM PyTorch's default
+            nn.init.uniform_(self.embedding.weight, -init_scale, init_scale)
+            nn.init.uniform_(self.decoder.weight, -init_scale, init_scale)
+            nn.init.zeros_(self.decoder.bias)
+        if tie_weights:  # Press & Wolf (2017), Inan et al. (2017)
             self.decoder.weight = self.embedding.weight
+
+    def hidden(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """The last layer's outputs (batch, steps, size), before output dropout, and the new state."""
+        out = embedding_dropout(self.embedding, x, self.embedding_dropout, self.training)
+        out = self.dropout(locked_dropout(out, self.input_dropout, self.training))
+        new_state = []
+        for i, rnn in enumerate(self.rnns):
+            if i > 0:
+                out = self.dropout(locked_dropout(out, self.hidden_dropout, self.training))
+            out, layer_state = self._run(rnn, out, None if state is None else state[i])
+            new_state.append(layer_state)
+        return out, new_state
+
+    def drop_output(self, out: torch.Tensor) -> torch.Tensor:
+        return self.dropout(locked_dropout(out, self.output_dropout, self.training))
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Logits (batch, steps, vocab) for token ids x (batch, steps); a None state means zeros."""
-        out, state = self.lstm(self.dropout(self.embedding(x)), state)
-        return self.decoder(self.dropout(out)), state
+        out, state = self.hidden(x, state)
+        return self.decoder(self.drop_output(out)), state
+
+    def _run(self, rnn: nn.LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None):
+        if not (self.training and self.weight_drop):
+            return rnn(x, state)
+        # DropConnect (Wan et al. 2013) on the recurrent weights: the masked matrix goes to the
+        # LSTM op directly, so the parameters, and nn.LSTM's flat cuDNN buffer, stay untouched and
+        # the gradient reaches them through the mask. (Assigning the masked tensor to the module,
+        # as the AWD-LSTM code did, breaks on current PyTorch.)
+        weights = [
+            rnn.weight_ih_l0,
+            F.dropout(rnn.weight_hh_l0, self.weight_drop),
+            rnn.bias_ih_l0,
+            rnn.bias_hh_l0,
+        ]
+        if state is None:
+            zeros = x.new_zeros(1, x.size(0), rnn.hidden_size)
+            state = (zeros, zeros)
+        with warnings.catch_warnings():
+            # On GPU, cuDNN copies weights that are not in its flat buffer into one, every call,
+            # and says so; a new masked matrix every window is exactly that case.
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+            out, h, c = torch.lstm(x, state, weights, True, 1, 0.0, True, False, True)
+        return out, (h, c)

@@ -1,17 +1,20 @@
 """Truncated-BPTT training and exact evaluation of the LSTM LM (design.md, "Model and training")."""
 
+import logging
 import math
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.optim import SGD
+from torch.optim import ASGD, SGD
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, Metric
 
 from lm.corpus import Vocabulary
 from lm.errors import UserError
-from lm.model import LSTMLanguageModel, State
+from lm.model import LSTMLanguageModel, State, map_state
+
+log = logging.getLogger(__name__)
 
 
 class Perplexity(Metric):
@@ -50,7 +53,28 @@ class Diverged(Exception):
         self.step, self.epoch, self.lr = step, epoch, lr
 
 
-def check_options(hidden_size, num_layers, dropout, init_scale, lr, lr_decay, decay_after, **_) -> None:
+def check_options(
+    hidden_size,
+    num_layers,
+    dropout,
+    init_scale,
+    lr,
+    lr_decay,
+    decay_after,
+    embedding_size=None,
+    input_dropout=0.0,
+    hidden_dropout=0.0,
+    output_dropout=0.0,
+    embedding_dropout=0.0,
+    weight_drop=0.0,
+    init="uniform",
+    ar=0.0,
+    tar=0.0,
+    weight_decay=0.0,
+    loss_average="streams",
+    asgd_nonmono=None,
+    **_,
+) -> None:
     """One clear error, before any work, for a value the model cannot train with."""
     rules = [
         (
@@ -75,6 +99,34 @@ def check_options(hidden_size, num_layers, dropout, init_scale, lr, lr_decay, de
             isinstance(decay_after, int) and decay_after >= 0,
             "an integer, 0 or more",
         ),
+        (
+            "embedding_size",
+            embedding_size,
+            embedding_size is None or isinstance(embedding_size, int) and embedding_size >= 1,
+            "null (hidden_size) or an integer, 1 or more",
+        ),
+        *(
+            (key, value, isinstance(value, int | float) and 0 <= value < 1, "a number in [0, 1)")
+            for key, value in [
+                ("input_dropout", input_dropout),
+                ("hidden_dropout", hidden_dropout),
+                ("output_dropout", output_dropout),
+                ("embedding_dropout", embedding_dropout),
+                ("weight_drop", weight_drop),
+            ]
+        ),
+        ("init", init, init in ("uniform", "awd"), "uniform or awd"),
+        *(
+            (key, value, isinstance(value, int | float) and value >= 0, "a number, 0 or more")
+            for key, value in [("ar", ar), ("tar", tar), ("weight_decay", weight_decay)]
+        ),
+        ("loss_average", loss_average, loss_average in ("streams", "tokens"), "streams or tokens"),
+        (
+            "asgd_nonmono",
+            asgd_nonmono,
+            asgd_nonmono is None or isinstance(asgd_nonmono, int) and asgd_nonmono >= 1,
+            "null (plain SGD) or an integer, 1 or more",
+        ),
     ]
     for key, value, valid, allowed in rules:
         if isinstance(value, bool) or not valid:
@@ -96,16 +148,46 @@ class LanguageModel(L.LightningModule):
         lr_decay: float = 0.5,
         decay_after: int = 4,
         compile: bool = False,
+        embedding_size: int | None = None,
+        input_dropout: float = 0.0,
+        hidden_dropout: float = 0.0,
+        output_dropout: float = 0.0,
+        embedding_dropout: float = 0.0,
+        weight_drop: float = 0.0,
+        init: str = "uniform",
+        ar: float = 0.0,
+        tar: float = 0.0,
+        weight_decay: float = 0.0,
+        loss_average: str = "streams",
+        asgd_nonmono: int | None = None,
     ):
         super().__init__()
-        check_options(hidden_size, num_layers, dropout, init_scale, lr, lr_decay, decay_after)
         self.save_hyperparameters()
-        self.net = LSTMLanguageModel(vocab_size, hidden_size, num_layers, dropout, init_scale, tie_weights)
+        check_options(**self.hparams)
+        self.net = LSTMLanguageModel(
+            vocab_size,
+            hidden_size,
+            num_layers,
+            dropout,
+            init_scale,
+            tie_weights,
+            embedding_size,
+            input_dropout,
+            hidden_dropout,
+            output_dropout,
+            embedding_dropout,
+            weight_drop,
+            init,
+        )
         self.summed_nll = summed_nll  # compiled in setup() when asked
         self.vocabulary: Vocabulary | None = None  # from the datamodule; saved in every checkpoint
         self.run_config: dict | None = None  # train.py's whole configuration, saved likewise
         self.train_state: State | None = None
         self.eval_state: State | None = None
+        # Non-monotonically triggered ASGD (Merity et al. 2017): the validation losses so far, and
+        # the epoch from which the weights are averaged (None: plain SGD still).
+        self.val_losses: list[float] = []
+        self.averaging_since: int | None = None
         self.train_ppl, self.val_ppl, self.test_ppl = Perplexity(), Perplexity(), Perplexity()
         # Per-token values, so an unweighted mean is exact; no NaN check, which would sync a GPU.
         self.val_acc, self.test_acc = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
@@ -129,24 +211,40 @@ class LanguageModel(L.LightningModule):
         checkpoint["train_state"] = self._all_ranks_state()  # the carried state, for a mid-epoch resume
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
+        checkpoint["asgd"] = {"val_losses": self.val_losses, "averaging_since": self.averaging_since}
+        averages = self._averaged_weights()
+        if averages:  # the averaged weights are the model; training goes on from the raw ones
+            checkpoint["training_state_dict"] = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {
+                key: averages.get(key, value) for key, value in checkpoint["state_dict"].items()
+            }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "vocabulary" in checkpoint:
             self.vocabulary = Vocabulary.from_state_dict(checkpoint["vocabulary"])
+        _upgrade(checkpoint)
+        if (
+            "training_state_dict" in checkpoint
+            and self._trainer is not None
+            and self.trainer.state.fn == "fit"
+        ):
+            checkpoint["state_dict"] = checkpoint["training_state_dict"]
+        asgd = checkpoint.get("asgd", {})
+        self.val_losses = list(asgd.get("val_losses", []))
+        self.averaging_since = asgd.get("averaging_since")
         state = checkpoint.get("train_state")
         if state is not None and self._trainer is not None and self.trainer.world_size > 1:
-            rows = state[0].size(1) // self.trainer.world_size  # this rank's streams
-            state = tuple(
-                s[:, self.trainer.global_rank * rows : (self.trainer.global_rank + 1) * rows] for s in state
-            )
+            rows = state[0][0].size(1) // self.trainer.world_size  # this rank's streams
+            first = self.trainer.global_rank * rows
+            state = map_state(lambda s: s[:, first : first + rows], state)
         self.train_state = state
 
     def _all_ranks_state(self) -> State | None:
         """The carried state of all streams: each rank holds its own rows (called on every rank)."""
         if self.train_state is None or self._trainer is None or self.trainer.world_size == 1:
             return self.train_state
-        gathered = (self.all_gather(s) for s in self.train_state)  # (ranks, layers, rows, hidden)
-        return tuple(g.transpose(0, 1).flatten(1, 2) for g in gathered)
+        # all_gather: (ranks, layers, rows, size) -> (layers, ranks * rows, size)
+        return map_state(lambda s: self.all_gather(s).transpose(0, 1).flatten(1, 2), self.train_state)
 
     # --- training -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -157,14 +255,22 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        if self.train_state is not None and self.train_state[0].device != x.device:  # loaded on the CPU
-            self.train_state = tuple(s.to(x.device) for s in self.train_state)
-        logits, state = self.net(x, self.train_state)
-        self.train_state = (state[0].detach(), state[1].detach())  # truncated BPTT
-        nll = self.summed_nll(logits, y)
-        # Summed over the time steps, averaged over the streams: the scale at which lr 1.0 and
-        # clipping at 5 reproduce the paper.
-        loss = nll / x.size(0)
+        if self.train_state is not None and self.train_state[0][0].device != x.device:  # loaded on the CPU
+            self.train_state = map_state(lambda s: s.to(x.device), self.train_state)
+        out, state = self.net.hidden(x, self.train_state)
+        self.train_state = map_state(torch.Tensor.detach, state)  # truncated BPTT
+        dropped = self.net.drop_output(out)
+        nll = self.summed_nll(self.net.decoder(dropped), y)
+        # "streams": summed over the time steps, averaged over the streams, the scale at which lr 1
+        # and clipping at 5 reproduce Zaremba et al.; "tokens": the mean per target, AWD-LSTM's.
+        per = x.size(0) if self.hparams.loss_average == "streams" else y.numel()
+        loss = nll / per
+        hparams = self.hparams
+        if hparams.ar or hparams.tar:  # AWD-LSTM's activation and temporal activation regularisation
+            regularisation = (
+                hparams.ar * dropped.pow(2).mean() + hparams.tar * (out[:, 1:] - out[:, :-1]).pow(2).mean()
+            )
+            loss = loss + regularisation * (y.numel() / per)
 
         self._stop_if_diverged(nll)
         self.train_ppl.update(nll, y.numel())
@@ -177,6 +283,14 @@ class LanguageModel(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.log("train/epoch_ppl", self.train_ppl)  # Lightning computes, reduces and resets it
+
+    def on_train_batch_start(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """AWD-LSTM's variable windows: the step size follows the window's length (data.vary_num_steps)."""
+        num_steps = batch[0].size(1)
+        nominal = getattr(self.trainer.datamodule, "num_steps", num_steps)
+        groups = self.trainer.optimizers[0].param_groups
+        for group, lr in zip(groups, self.lr_schedulers().get_last_lr(), strict=True):
+            group["lr"] = lr * num_steps / nominal
 
     def _stop_if_diverged(self, nll: torch.Tensor) -> None:
         """Raise Diverged, before the step is taken, when the loss is not finite.
@@ -196,13 +310,47 @@ class LanguageModel(L.LightningModule):
             )
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.state.fn != "fit":
+            return
+        self._swap_averaged_weights()  # back to the raw ones
         # The loss shows bad weights a step (on a GPU up to log_every_n_steps) later; an epoch end
         # in between must not let the checkpoint callback save them as the last good ones.
-        if self.trainer.state.fn == "fit" and not all(
-            bool(torch.isfinite(p).all()) for p in self.parameters()
-        ):
+        if not all(bool(torch.isfinite(p).all()) for p in self.parameters()):
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             raise Diverged(self.global_step, self.current_epoch, lr, what="the weights")
+        if self.trainer.sanity_checking or self.hparams.asgd_nonmono is None:
+            return
+        loss = math.log(float(self.val_ppl.compute()))
+        n = self.hparams.asgd_nonmono
+        if self.averaging_since is None and len(self.val_losses) > n and loss > min(self.val_losses[:-n]):
+            # No better than n epochs ago: average the weights from now on (NT-ASGD, Merity et al.)
+            self.averaging_since = self.current_epoch
+            self.trainer.strategy.setup_optimizers(self.trainer)
+            log.info(
+                "epoch %d: validation stopped improving; averaging the weights (ASGD)", self.current_epoch + 1
+            )
+        self.val_losses.append(loss)
+
+    def _averaged_weights(self) -> dict[str, torch.Tensor]:
+        """ASGD's running averages by parameter name (tied weights under each name); {} before ASGD."""
+        if self.averaging_since is None or self._trainer is None or not self.trainer.optimizers:
+            return {}
+        state = self.trainer.optimizers[0].state
+        return {
+            name: state[p]["ax"]
+            for name, p in self.named_parameters(remove_duplicate=False)
+            if "ax" in state.get(p, {})
+        }
+
+    def _swap_averaged_weights(self) -> None:
+        """Exchange the weights with their averages: evaluation during training uses the averages."""
+        averages = self._averaged_weights()
+        with torch.no_grad():
+            for name, p in self.named_parameters():  # a tied matrix once
+                if name in averages:
+                    raw = p.clone()
+                    p.copy_(averages[name])
+                    averages[name].copy_(raw)
 
     def _logs_this_step(self) -> bool:
         """True on the steps after which Lightning writes the logs (every `log_every_n_steps`).
@@ -224,10 +372,18 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         hparams = self.hparams
-        optimizer = SGD(self.parameters(), lr=hparams.lr)
+        if self.averaging_since is None:
+            optimizer = SGD(self.parameters(), lr=hparams.lr, weight_decay=hparams.weight_decay)
+            start = 0
+        else:  # SGD steps that also average the weights from the switch on. (torch's ASGD takes
+            # each step with the lr of the step before, as it did in the AWD-LSTM code.)
+            optimizer = ASGD(
+                self.parameters(), lr=hparams.lr, t0=0, lambd=0.0, weight_decay=hparams.weight_decay
+            )
+            start = self.averaging_since
         # lr for 0-based epoch e: lr0 * decay ** max(e + 1 - decay_after, 0)
         schedule = LambdaLR(
-            optimizer, lambda epoch: hparams.lr_decay ** max(epoch + 1 - hparams.decay_after, 0)
+            optimizer, lambda epoch: hparams.lr_decay ** max(start + epoch + 1 - hparams.decay_after, 0)
         )
         return {
             "optimizer": optimizer,
@@ -237,6 +393,8 @@ class LanguageModel(L.LightningModule):
     # --- evaluation: state carried over the whole split, every target counted once -------------
     def on_validation_epoch_start(self) -> None:
         self.eval_state = None
+        if self.trainer.state.fn == "fit":
+            self._swap_averaged_weights()
 
     def on_test_epoch_start(self) -> None:
         self.eval_state = None
@@ -256,3 +414,13 @@ class LanguageModel(L.LightningModule):
         logits, self.eval_state = self.net(x, self.eval_state)
         ppl.update(self.summed_nll(logits, y), y.numel())
         acc.update((logits.argmax(-1) == y).flatten())
+
+
+def _upgrade(checkpoint: dict) -> None:
+    """Checkpoints saved before the LSTM stack became a list: rename the weights, wrap the state."""
+    weights = checkpoint.get("state_dict", {})
+    for key in [key for key in weights if key.startswith("net.lstm.")]:
+        weights[key.replace("net.lstm.", "net.rnns.0.")] = weights.pop(key)
+    state = checkpoint.get("train_state")
+    if isinstance(state, tuple):
+        checkpoint["train_state"] = [state]

@@ -19,17 +19,21 @@ def tiny_setup(corpus_dir, tmp_path, **data):
     return datamodule, model
 
 
+def tensors(state):
+    return [s for layer in state for s in layer]
+
+
 def test_state_is_carried_detached_reset_each_epoch_and_kept_from_validation(tiny_corpus, tmp_path):
     datamodule, model = tiny_setup(tiny_corpus, tmp_path, batch_size=4, num_steps=10)
     calls = []  # (training?, state in, state out)
-    forward = model.net.forward
+    hidden = model.net.hidden  # what training and evaluation both call
 
-    def recording_forward(x, state=None):
-        logits, new_state = forward(x, state)
+    def recording_hidden(x, state=None):
+        out, new_state = hidden(x, state)
         calls.append((model.training, state, new_state))
-        return logits, new_state
+        return out, new_state
 
-    model.net.forward = recording_forward
+    model.net.hidden = recording_hidden
     quiet_trainer(max_epochs=2, limit_train_batches=6, limit_val_batches=2, val_check_interval=3).fit(
         model, datamodule=datamodule
     )
@@ -40,6 +44,7 @@ def test_state_is_carried_detached_reset_each_epoch_and_kept_from_validation(tin
     for epoch in (training[:6], training[6:]):
         assert epoch[0][0] is None  # zero state at every epoch start
         for (_, out), (state_in, _) in pairwise(epoch):
+            state_in, out = tensors(state_in), tensors(out)
             assert all(torch.equal(s_in, s_out) for s_in, s_out in zip(state_in, out, strict=True))
             assert all(s.grad_fn is None and not s.requires_grad for s in state_in)  # truncated
     # Each validation pass starts from zeros and never hands its state to training.
@@ -53,6 +58,19 @@ def test_loss_is_summed_over_time_and_averaged_over_streams(tiny_corpus, tmp_pat
     logits, _ = model.net(x)
     expected = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)) * 10
     model.trainer = quiet_trainer()  # step 0 of 50 between logs, window 1: nothing to log outside a fit
+    assert torch.allclose(model.training_step((x, y), 1), expected)
+
+
+def test_awd_loss_is_the_mean_per_target_plus_activation_regularisation(tiny_corpus, tmp_path):
+    datamodule, _ = tiny_setup(tiny_corpus, tmp_path, batch_size=4, num_steps=10)
+    model = LanguageModel(datamodule.vocab_size, hidden_size=8, loss_average="tokens", ar=2.0, tar=1.0)
+    datamodule.setup("fit")
+    x, y = next(iter(datamodule.train_dataloader()))
+    out, _ = model.net.hidden(x)
+    logits = model.net.decoder(out)
+    ar, tar = out.pow(2).mean(), (out[:, 1:] - out[:, :-1]).pow(2).mean()
+    expected = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)) + 2 * ar + tar
+    model.trainer = quiet_trainer()
     assert torch.allclose(model.training_step((x, y), 1), expected)
 
 

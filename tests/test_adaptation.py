@@ -1,0 +1,273 @@
+"""Test-time adaptation in evaluate.py: dynamic evaluation and the continuous cache score every
+target exactly once, before anything has learnt from it, and reduce to plain evaluation when off."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from evaluate import evaluate
+from lm import PROJECT_ROOT
+from lm.cache import cache_log_probs
+from lm.data import PTBDataModule
+from lm.dynamic_eval import dynamic_log_probs, gradient_mean_squares
+from lm.errors import UserError
+from lm.model import LSTMLanguageModel
+from lm.module import LanguageModel
+from tests.conftest import quiet_trainer, write_tiny_corpus
+
+CPU = torch.device("cpu")
+VOCAB = 12
+
+
+@pytest.fixture
+def net() -> LSTMLanguageModel:
+    """A random network in float64, so that only real differences exceed 1e-12."""
+    torch.manual_seed(0)
+    return LSTMLanguageModel(VOCAB, hidden_size=8, num_layers=2, dropout=0.0, init_scale=0.5).double().eval()
+
+
+def token_ids(count: int, seed: int) -> torch.Tensor:
+    return torch.randint(VOCAB, (count,), generator=torch.Generator().manual_seed(seed))
+
+
+def plain_log_probs(net: LSTMLanguageModel, ids: torch.Tensor) -> torch.Tensor:
+    logits, _ = net(ids[:-1].view(1, -1))
+    return F.log_softmax(logits[0], dim=-1).gather(1, ids[1:, None])[:, 0]
+
+
+def rms_statistics(net: LSTMLanguageModel) -> list[torch.Tensor]:
+    return gradient_mean_squares(net, token_ids(400, 9), batches=6, batch_size=4, num_steps=5, device=CPU)
+
+
+def adapted(net: LSTMLanguageModel, ids: torch.Tensor, method: str, **options) -> torch.Tensor:
+    if method == "cache":
+        return cache_log_probs(net, ids, device=CPU, **options)[0]
+    mean_squares = rms_statistics(net) if method == "rms" else None
+    return dynamic_log_probs(net, ids, method, device=CPU, mean_squares=mean_squares, **options)[0]
+
+
+METHODS = {
+    "sgd": {"lr": 0.5, "decay": 0.1, "num_steps": 5},
+    "rms": {"lr": 0.01, "decay": 0.1, "num_steps": 5, "eps": 1e-3},
+    "cache": {"window": 7, "interpolation": 0.3, "theta": 2.0, "num_steps": 10},
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_target_is_looked_at_before_it_is_scored_and_each_is_scored_once(net, method):
+    ids = token_ids(101, 1)
+    scores = adapted(net, ids, method, **METHODS[method])
+    assert scores.shape == (len(ids) - 1,) and torch.isfinite(scores).all()
+    assert not torch.allclose(scores, plain_log_probs(net, ids))  # it adapts
+    for k in (1, 5, 6, 23, 57, 100):  # segment and window edges, and the last token
+        changed = ids.clone()
+        changed[k] = (ids[k] + 1) % VOCAB  # target k - 1, and the input of the targets after it
+        rescored = adapted(net, changed, method, **METHODS[method])
+        assert torch.equal(rescored[: k - 1], scores[: k - 1])  # bit for bit
+        assert rescored[k - 1] != scores[k - 1]
+        if k < 90:  # and what it learnt from token k shows further on
+            assert not torch.equal(rescored[k + 10 :], scores[k + 10 :])
+
+
+@pytest.mark.parametrize("method", ["sgd", "rms"])
+def test_dynamic_evaluation_with_lr_0_is_plain_evaluation_and_leaves_the_weights(net, method):
+    ids = token_ids(101, 2)
+    weights = [p.clone() for p in net.parameters()]
+    options = {**METHODS[method], "lr": 0.0}
+    torch.testing.assert_close(
+        adapted(net, ids, method, **options), plain_log_probs(net, ids), rtol=0, atol=1e-12
+    )
+    adapted(net, ids, method, **METHODS[method])  # a real pass, then the trained weights are back
+    assert all(torch.equal(p, w) for p, w in zip(net.parameters(), weights, strict=True))
+
+
+@pytest.mark.parametrize("method", ["sgd", "rms"])
+def test_each_segment_is_scored_with_the_weights_the_earlier_segments_gave(net, method):
+    """The rules of lm/dynamic_eval.py, step by step on a copy of the network, three segments long."""
+    ids, options = token_ids(16, 3), METHODS[method]
+    scores = adapted(net, ids, method, **options)
+
+    copy = LSTMLanguageModel(VOCAB, hidden_size=8, num_layers=2, dropout=0.0, init_scale=0.5).double().eval()
+    copy.load_state_dict(net.state_dict())
+    trained = [p.detach().clone() for p in copy.parameters()]
+    if method == "rms":
+        rms = [m.sqrt() for m in rms_statistics(net)]
+        mean_rms = torch.cat([r.flatten() for r in rms]).mean()
+        rates = [(options["decay"] * r / mean_rms).clamp(max=1) for r in rms]
+        steps = [options["lr"] / (r + options["eps"]) for r in rms]
+    else:
+        rates, steps = [options["decay"]] * len(trained), [options["lr"]] * len(trained)
+    state = None
+    for start in range(0, 15, 5):
+        x, y = ids[start : start + 5], ids[start + 1 : start + 6]
+        logits, state = copy(x.view(1, -1), state)
+        state = [(h.detach(), c.detach()) for h, c in state]
+        expected = F.log_softmax(logits[0], dim=-1).gather(1, y[:, None])[:, 0]
+        torch.testing.assert_close(scores[start : start + 5], expected.detach(), rtol=0, atol=1e-12)
+        grads = torch.autograd.grad(F.cross_entropy(logits[0], y), list(copy.parameters()))
+        with torch.no_grad():
+            for p, p0, g, rate, step in zip(copy.parameters(), trained, grads, rates, steps, strict=True):
+                p.copy_(p + rate * (p0 - p) - step * g)
+
+
+def test_cache_with_lambda_0_is_plain_evaluation(net):
+    ids = token_ids(101, 4)
+    options = {**METHODS["cache"], "interpolation": 0.0}
+    torch.testing.assert_close(
+        adapted(net, ids, "cache", **options), plain_log_probs(net, ids), rtol=0, atol=1e-12
+    )
+
+
+def test_cache_probability_is_the_papers_mixture(net):
+    """Grave et al.'s formula written out target by target, against the windowed computation."""
+    ids, window, interpolation, theta = token_ids(60, 5), 7, 0.3, 2.0
+    scores = adapted(net, ids, "cache", **METHODS["cache"])
+    features, _ = net.hidden(ids[:-1].view(1, -1))
+    h, y = features[0], ids[1:]
+    model_probs = F.softmax(net.decoder(h), dim=-1)
+    for t in range(len(y)):
+        past = range(max(t - window, 0), t)
+        if not past:
+            expected = model_probs[t, y[t]]
+        else:
+            weights = torch.stack([torch.exp(theta * h[t] @ h[i]) for i in past])
+            cache = sum(w for w, i in zip(weights, past, strict=True) if y[i] == y[t]) / weights.sum()
+            expected = (1 - interpolation) * model_probs[t, y[t]] + interpolation * cache
+        torch.testing.assert_close(scores[t], torch.log(expected).detach(), rtol=0, atol=1e-12)
+
+
+# --- evaluate.py -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> dict:
+    """An untrained model's checkpoint, saved the way train.py saves one, and its corpus."""
+    root = tmp_path_factory.mktemp("adaptation")
+    corpus = write_tiny_corpus(root / "tiny", train_lines=500)
+    datamodule = PTBDataModule(dir=corpus, cache_dir=root / "cache", url="file:///nowhere")
+    torch.manual_seed(0)
+    model = LanguageModel(len(datamodule.vocabulary), hidden_size=16, init_scale=0.3)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=datamodule)
+    trainer.save_checkpoint(root / "model.ckpt")
+    return {
+        "root": root,
+        "ckpt": root / "model.ckpt",
+        "data": [f"data.dir={corpus}", f"data.cache_dir={root / 'cache'}"],
+    }
+
+
+def run_evaluate(checkpoint: dict, out: Path, *overrides: str) -> dict:
+    """evaluate.py's work in this process (a subprocess would spend seconds importing)."""
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            [f"ckpt_path={checkpoint['ckpt']}", *checkpoint["data"], *overrides],
+            return_hydra_config=True,
+        )
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+    HydraConfig.instance().set_config(cfg)
+    out.mkdir()
+    result = evaluate(cfg)
+    assert json.loads((out / "evaluation.json").read_text()) == result
+    return result
+
+
+def test_evaluate_runs_each_method_records_its_options_and_reduces_to_plain(checkpoint, tmp_path):
+    plain = run_evaluate(checkpoint, tmp_path / "plain")
+    assert plain["dynamic_eval"] is None and plain["cache"] is None
+    targets = plain["targets"]
+    runs = {
+        "sgd_lr_0": ["dynamic_eval.method=sgd", "dynamic_eval.lr=0", "dynamic_eval.decay=0.5"],
+        "cache_lambda_0": ["cache.window=50", "cache.lambda=0", "cache.theta=1"],
+        "sgd": ["dynamic_eval.method=sgd", "dynamic_eval.lr=1", "dynamic_eval.decay=0.01"],
+        "rms": ["dynamic_eval.method=rms", "dynamic_eval.lr=0.001", "dynamic_eval.stats_batches=10"],
+        "cache": ["cache.window=50", "cache.lambda=0.1", "cache.theta=1"],
+        "valid": ["split=valid", "cache.window=50", "cache.lambda=0.1", "cache.theta=1"],
+    }
+    results = {
+        name: run_evaluate(checkpoint, tmp_path / name, *overrides) for name, overrides in runs.items()
+    }
+    for name in ("sgd_lr_0", "cache_lambda_0"):  # float32 network, other windows: rounding only
+        assert results[name]["ppl"] == pytest.approx(plain["ppl"], rel=1e-5)
+        assert results[name]["acc"] == pytest.approx(plain["acc"], rel=1e-6)  # a float32 mean
+    for name in ("sgd", "rms", "cache"):
+        assert results[name]["targets"] == targets and results[name]["ppl"] != pytest.approx(plain["ppl"])
+    assert results["valid"]["split"] == "valid" and results["valid"]["targets"] != targets
+    assert results["rms"]["dynamic_eval"] == {
+        "method": "rms",
+        "lr": 0.001,
+        "decay": 0.0,
+        "num_steps": 5,
+        "eps": 0.001,
+        "stats_batches": 10,
+        "stats_batch_size": 100,
+        "stats_num_steps": 5,
+    }
+    assert results["sgd"]["dynamic_eval"] == {"method": "sgd", "lr": 1, "decay": 0.01, "num_steps": 5}
+    assert results["cache"]["cache"] == {"window": 50, "lambda": 0.1, "theta": 1}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["dynamic_eval.method=adam"],
+            "dynamic_eval.method='adam' is not a method; use sgd, rms, or null (off).",
+        ),
+        (
+            ["dynamic_eval.method=sgd"],
+            "dynamic_eval.lr has no value; dynamic_eval.method=sgd needs a step size",
+        ),
+        (
+            ["dynamic_eval.method=sgd", "dynamic_eval.lr=-1"],
+            "dynamic_eval.lr=-1 is not allowed: it must be a number, 0 or more.",
+        ),
+        (
+            ["dynamic_eval.method=sgd", "dynamic_eval.lr=1", "dynamic_eval.decay=2"],
+            "dynamic_eval.decay=2 is not allowed: it must be a number in [0, 1].",
+        ),
+        (
+            ["dynamic_eval.method=rms", "dynamic_eval.lr=1", "dynamic_eval.eps=0"],
+            "dynamic_eval.eps=0 is not allowed: it must be a number above 0.",
+        ),
+        (
+            ["dynamic_eval.method=rms", "dynamic_eval.lr=1", "dynamic_eval.stats_batch_size=0"],
+            "dynamic_eval.stats_batch_size=0 is not allowed: it must be an integer, 1 or more.",
+        ),
+        (["cache.window=100"], "cache.lambda has no value; cache.window=100 needs one"),
+        (
+            ["cache.window=0", "cache.lambda=0.1", "cache.theta=1"],
+            "cache.window=0 is not allowed: it must be null (off) or an integer, 1 or more.",
+        ),
+        (
+            ["cache.window=100", "cache.lambda=1.5", "cache.theta=1"],
+            "cache.lambda=1.5 is not allowed: it must be a number in [0, 1].",
+        ),
+        (
+            ["cache.window=100", "cache.lambda=0.1", "cache.theta=-1"],
+            "cache.theta=-1 is not allowed: it must be a number, 0 or more.",
+        ),
+        (
+            [
+                "cache.window=100",
+                "cache.lambda=0.1",
+                "cache.theta=1",
+                "dynamic_eval.method=sgd",
+                "dynamic_eval.lr=1",
+            ],
+            "dynamic_eval.method=sgd and cache.window=100 are both set; they are not combined",
+        ),
+    ],
+)
+def test_bad_options_are_one_clear_error(checkpoint, tmp_path, overrides, message):
+    with pytest.raises(UserError) as error:
+        run_evaluate(checkpoint, tmp_path / "run", *overrides)
+    assert message in str(error.value)

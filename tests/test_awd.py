@@ -1,0 +1,217 @@
+"""AWD-LSTM's regularisers, variable windows and NT-ASGD (Merity et al. 2017)."""
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from conftest import compose_config, write_corpus, write_tiny_corpus
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from lm.data import PTBDataModule, WindowDataset, batchify, variable_lengths
+from lm.model import LSTMLanguageModel, embedding_dropout, locked_dropout
+from lm.module import LanguageModel
+
+
+def test_the_awd_preset_sets_the_paper_values_and_the_zaremba_presets_keep_them_off():
+    awd = compose_config("model=awd")
+    assert (awd.model.embedding_size, awd.model.hidden_size, awd.model.num_layers) == (400, 1150, 3)
+    dropouts = [
+        awd.model[key] for key in ("input_dropout", "hidden_dropout", "output_dropout", "embedding_dropout")
+    ]
+    assert dropouts == [0.4, 0.25, 0.4, 0.1] and awd.model.weight_drop == 0.5
+    assert (awd.model.ar, awd.model.tar, awd.model.weight_decay, awd.model.lr) == (2, 1, 1.2e-6, 30)
+    assert awd.model.asgd_nonmono == 5 and awd.model.loss_average == "tokens" and awd.model.init == "awd"
+    assert (awd.data.batch_size, awd.data.num_steps, awd.data.vary_num_steps) == (20, 70, True)
+    assert (awd.trainer.max_epochs, awd.trainer.gradient_clip_val) == (500, 0.25)
+    for preset in ("small", "medium", "large"):
+        model = compose_config(f"model={preset}").model
+        assert not any(model[key] for key in ("weight_drop", "input_dropout", "ar", "tar", "weight_decay"))
+        assert model.loss_average == "streams" and model.init == "uniform" and model.asgd_nonmono is None
+
+
+def test_locked_dropout_keeps_one_mask_across_time():
+    x = torch.ones(6, 30, 40)
+    torch.manual_seed(0)
+    out = locked_dropout(x, 0.5, training=True)
+    assert torch.equal(out, out[:, :1].expand_as(out))  # every step of a sequence: the same mask
+    assert set(out.unique().tolist()) == {0.0, 2.0}  # kept units scaled by 1 / (1 - p)
+    assert 0.35 < (out == 0).float().mean() < 0.65
+    assert not torch.equal(out[0], out[1])  # a mask per sequence
+    assert torch.equal(locked_dropout(x, 0.5, training=False), x)
+
+
+def test_embedding_dropout_drops_whole_words_consistently():
+    embedding = nn.Embedding(20, 8)
+    x = torch.tensor([[1, 2, 1, 3, 5], [2, 1, 4, 1, 5]])
+    torch.manual_seed(3)
+    out = embedding_dropout(embedding, x, 0.5, training=True)
+    dropped = set()
+    for word in x.unique().tolist():
+        rows = out[x == word]
+        if rows.abs().sum() == 0:
+            dropped.add(word)
+        else:  # kept everywhere it occurs, scaled by 1 / (1 - p)
+            assert torch.allclose(rows, embedding.weight[word].expand_as(rows) * 2)
+    assert 0 < len(dropped) < len(x.unique())
+    assert torch.equal(embedding_dropout(embedding, x, 0.5, training=False), embedding(x))
+
+
+def test_weight_drop_changes_recurrent_weights_in_training_only_and_gradients_reach_them():
+    torch.manual_seed(0)
+    net = LSTMLanguageModel(50, 16, 2, 0.0, 0.1, weight_drop=0.5)
+    x = torch.randint(50, (3, 7))
+    raw = [p.detach().clone() for p in net.parameters()]
+
+    net.eval()
+    plain, _ = net(x)
+    net.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not a word from PyTorch about the weights
+        first, _ = net(x)
+        second, _ = net(x)
+    assert not torch.allclose(first, plain) and not torch.allclose(first, second)  # a new mask each call
+    first.pow(2).sum().backward()
+    for rnn in net.rnns:
+        assert rnn.weight_hh_l0.grad is not None and rnn.weight_hh_l0.grad.count_nonzero() > 0
+    assert all(torch.equal(p, r) for p, r in zip(net.parameters(), raw, strict=True))  # never masked in place
+
+    net.eval()
+    again, _ = net(x)
+    assert torch.equal(again, plain)  # evaluation: the raw weights
+    net.train()
+    net.weight_drop = 1e-12  # a mask that keeps everything: the masked path computes what nn.LSTM does
+    nearly, _ = net(x)
+    assert torch.allclose(nearly, plain, atol=1e-6)
+
+
+def test_zaremba_options_keep_one_multi_layer_lstm_and_old_checkpoints_load(tmp_path):
+    net = LSTMLanguageModel(50, 16, 2, 0.3, 0.1)
+    assert len(net.rnns) == 1 and net.rnns[0].num_layers == 2 and net.rnns[0].dropout == 0.3
+
+    model = LanguageModel(vocab_size=50, hidden_size=16)
+    old = {key.replace("net.rnns.0.", "net.lstm."): value for key, value in model.state_dict().items()}
+    state = (torch.zeros(2, 4, 16), torch.ones(2, 4, 16))  # the carried state as it was saved then
+    checkpoint = {"state_dict": old, "train_state": state}
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"])  # strict: every key found
+    assert torch.equal(model.train_state[0][1], state[1])
+
+
+def test_tied_weights_with_a_smaller_embedding_give_the_last_layer_its_size():
+    net = LSTMLanguageModel(50, 32, 3, 0.0, 0.1, tie_weights=True, embedding_size=8)
+    assert [rnn.hidden_size for rnn in net.rnns] == [32, 32, 8]
+    assert net.decoder.weight is net.embedding.weight
+    logits, state = net(torch.randint(50, (2, 5)))
+    assert logits.shape == (2, 5, 50) and [h.size(-1) for h, _ in state] == [32, 32, 8]
+
+
+def test_variable_windows_follow_the_rule_and_cover_the_stream_continuously():
+    lengths = variable_lengths(10_000, 70, torch.Generator().manual_seed(1))
+    assert sum(lengths) == 10_000
+    assert all(5 <= n <= 90 for n in lengths[:-1])
+    assert 60 < sum(lengths[:-1]) / len(lengths[:-1]) < 72  # mostly about 70, now and then about 35
+    assert any(n < 50 for n in lengths)
+    assert lengths == variable_lengths(10_000, 70, torch.Generator().manual_seed(1))
+    assert lengths != variable_lengths(10_000, 70, torch.Generator().manual_seed(2))
+
+    streams = batchify(torch.arange(3 * 400), 3)
+    lengths = variable_lengths(streams.size(1) - 1, 20, torch.Generator().manual_seed(0))
+    windows = list(WindowDataset(streams, 20, True, lengths))
+    assert [x.size(1) for x, _ in windows] == lengths
+    assert torch.equal(torch.cat([x for x, _ in windows], 1), streams[:, :-1])
+    assert torch.equal(torch.cat([y for _, y in windows], 1), streams[:, 1:])
+
+
+class Recorder(L.Callback):
+    """Each training window's length and the lr it was trained with, by epoch."""
+
+    def __init__(self):
+        self.windows: dict[int, list[tuple[int, float]]] = {}
+        self.validated: list[int] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.length = batch[0].size(1)
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        lr = optimizer.param_groups[0]["lr"]
+        self.windows.setdefault(trainer.current_epoch, []).append((self.length, lr))
+
+    def on_validation_epoch_end(self, trainer, module):
+        self.validated.append(trainer.current_epoch)
+
+
+def test_training_with_variable_windows_scales_lr_and_validates_every_epoch(tmp_path):
+    corpus = write_tiny_corpus(tmp_path / "corpus", train_lines=600)
+    datamodule = PTBDataModule(
+        str(corpus), str(tmp_path / "cache"), batch_size=4, num_steps=20, vary_num_steps=True, seed=7
+    )
+    model = LanguageModel(datamodule.vocab_size, hidden_size=8, lr=2.0, lr_decay=0.5, decay_after=1)
+    recorder = Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[recorder],
+    )
+    trainer.fit(model, datamodule=datamodule)
+    assert recorder.validated == [0, 1, 2]  # Lightning saw each epoch's true number of windows
+    targets = datamodule.streams["train"].size(1) - 1
+    for epoch, windows in recorder.windows.items():
+        assert sum(n for n, _ in windows) == targets  # the whole stream, once
+        for n, lr in windows:
+            assert lr == pytest.approx(2.0 * 0.5**epoch * n / 20)
+    assert recorder.windows[0] != recorder.windows[1]  # new windows each epoch
+
+
+def test_nt_asgd_switches_when_validation_stops_improving_and_checkpoints_the_average(tmp_path):
+    # Training teaches "a b c d"; validation reads "a c b d": the better the fit, the worse validation.
+    corpus = write_corpus(
+        tmp_path / "corpus",
+        {"train": ["a b c d"] * 300, "valid": ["a c b d"] * 40, "test": ["a c b d"] * 40},
+    )
+    datamodule = PTBDataModule(str(corpus), str(tmp_path / "cache"), batch_size=4, num_steps=10)
+    model = LanguageModel(datamodule.vocab_size, hidden_size=8, lr=1.0, lr_decay=1.0, asgd_nonmono=1)
+
+    def trainer(epochs):
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+        return L.Trainer(
+            accelerator="cpu",
+            max_epochs=epochs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=[checkpoints],
+        )
+
+    trainer(4).fit(model, datamodule=datamodule)
+    losses = model.val_losses
+    assert losses[1] > losses[0] and losses[2] > losses[0]  # the premise: validation gets worse
+    assert model.averaging_since == 2  # the first epoch no better than the one before last
+    assert isinstance(model.trainer.optimizers[0], torch.optim.ASGD)
+
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["asgd"] == {"val_losses": losses, "averaging_since": 2}
+    averages = checkpoint["optimizer_states"][0]["state"]
+    weights, raw = checkpoint["state_dict"], checkpoint["training_state_dict"]
+    names = [name for name, _ in model.named_parameters()]
+    for i, name in enumerate(names):
+        assert torch.equal(weights[name], averages[i]["ax"])  # the model saved is the average
+        assert not torch.equal(weights[name], raw[name])
+    assert torch.equal(weights["net.decoder.weight"], averages[names.index("net.decoder.weight")]["ax"])
+
+    loaded = LanguageModel.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert torch.equal(loaded.net.embedding.weight, weights["net.embedding.weight"])
+
+    resumed = LanguageModel(datamodule.vocab_size, hidden_size=8, lr=1.0, lr_decay=1.0, asgd_nonmono=1)
+    trainer(5).fit(resumed, datamodule=datamodule, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    optimizer = resumed.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.ASGD) and resumed.averaging_since == 2
+    first = next(resumed.parameters())
+    assert optimizer.state[first]["step"] > averages[0]["step"]  # the average went on, not restarted
