@@ -206,7 +206,7 @@ def test_evaluate_runs_each_method_records_its_options_and_reduces_to_plain(chec
         "lr": 0.001,
         "decay": 0.0,
         "num_steps": 5,
-        "eps": 0.001,
+        "eps": 2e-05,
         "stats_batches": 10,
         "stats_batch_size": 100,
         "stats_num_steps": 5,
