@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.errors import UserError
+from lm.errors import UserError, check_rules
 from lm.scoring import stream_loader
 
 
@@ -31,22 +31,17 @@ def check_options(window, theta, **options) -> None:
                 "recommended in conf/evaluate.yaml."
             )
 
-    def number(value) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-
     rules = [
+        ("window", window, isinstance(window, int) and window >= 1, "null (off) or an integer, 1 or more"),
         (
-            "window",
-            window,
-            isinstance(window, int) and not isinstance(window, bool) and window >= 1,
-            "null (off) or an integer, 1 or more",
+            "lambda",
+            interpolation,
+            isinstance(interpolation, int | float) and 0 <= interpolation <= 1,
+            "a number in [0, 1]",
         ),
-        ("lambda", interpolation, number(interpolation) and 0 <= interpolation <= 1, "a number in [0, 1]"),
-        ("theta", theta, number(theta) and theta >= 0, "a number, 0 or more"),
+        ("theta", theta, isinstance(theta, int | float) and theta >= 0, "a number, 0 or more"),
     ]
-    for key, value, valid, allowed in rules:
-        if not valid:
-            raise UserError(f"cache.{key}={value!r} is not allowed: it must be {allowed}.")
+    check_rules("cache", rules)
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.data import WindowDataset, batchify
-from lm.errors import UserError
+from lm.errors import UserError, check_rules
 from lm.model import map_state
 from lm.scoring import stream_loader
 
@@ -53,10 +53,10 @@ def check_options(
         )
 
     def number(value) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, int | float)
 
     def count(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        return isinstance(value, int) and value >= 1
 
     rules = [
         ("lr", lr, number(lr) and lr >= 0, "a number, 0 or more"),
@@ -75,9 +75,7 @@ def check_options(
             ("stats_batch_size", stats_batch_size, count(stats_batch_size), "an integer, 1 or more"),
             ("stats_num_steps", stats_num_steps, count(stats_num_steps), "an integer, 1 or more"),
         ]
-    for key, value, valid, allowed in rules:
-        if not valid:
-            raise UserError(f"dynamic_eval.{key}={value!r} is not allowed: it must be {allowed}.")
+    check_rules("dynamic_eval", rules)
 
 
 @contextmanager

@@ -3,7 +3,7 @@
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from omegaconf.errors import MissingMandatoryValue
@@ -11,6 +11,16 @@ from omegaconf.errors import MissingMandatoryValue
 
 class UserError(Exception):
     """A bad path, config value or input file; entry points print only its message and exit 1."""
+
+
+def check_rules(section: str, rules: Iterable[tuple[str, object, bool, str]]) -> None:
+    """Raise one UserError for the first (key, value, valid, allowed) rule a config value breaks.
+
+    A bool never passes: YAML's true and false would otherwise count as the numbers 1 and 0.
+    """
+    for key, value, valid, allowed in rules:
+        if isinstance(value, bool) or not valid:
+            raise UserError(f"{section}.{key}={value!r} is not allowed: it must be {allowed}.")
 
 
 def user_error_in(error: BaseException | None) -> UserError | None:

@@ -11,7 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, Metric
 
 from lm.corpus import Vocabulary
-from lm.errors import UserError
+from lm.errors import check_rules
 from lm.model import LSTMLanguageModel, State, map_state
 
 log = logging.getLogger(__name__)
@@ -61,18 +61,18 @@ def check_options(
     lr,
     lr_decay,
     decay_after,
-    embedding_size=None,
-    input_dropout=0.0,
-    hidden_dropout=0.0,
-    output_dropout=0.0,
-    embedding_dropout=0.0,
-    weight_drop=0.0,
-    init="uniform",
-    ar=0.0,
-    tar=0.0,
-    weight_decay=0.0,
-    loss_average="streams",
-    asgd_nonmono=None,
+    embedding_size,
+    input_dropout,
+    hidden_dropout,
+    output_dropout,
+    embedding_dropout,
+    weight_drop,
+    init,
+    ar,
+    tar,
+    weight_decay,
+    loss_average,
+    asgd_nonmono,
     **_,
 ) -> None:
     """One clear error, before any work, for a value the model cannot train with."""
@@ -128,9 +128,7 @@ def check_options(
             "null (plain SGD) or an integer, 1 or more",
         ),
     ]
-    for key, value, valid, allowed in rules:
-        if isinstance(value, bool) or not valid:
-            raise UserError(f"model.{key}={value!r} is not allowed: it must be {allowed}.")
+    check_rules("model", rules)
 
 
 class LanguageModel(L.LightningModule):
@@ -171,13 +169,13 @@ class LanguageModel(L.LightningModule):
             dropout,
             init_scale,
             tie_weights,
-            embedding_size,
-            input_dropout,
-            hidden_dropout,
-            output_dropout,
-            embedding_dropout,
-            weight_drop,
-            init,
+            embedding_size=embedding_size,
+            input_dropout=input_dropout,
+            hidden_dropout=hidden_dropout,
+            output_dropout=output_dropout,
+            embedding_dropout=embedding_dropout,
+            weight_drop=weight_drop,
+            init=init,
         )
         self.summed_nll = summed_nll  # compiled in setup() when asked
         self.vocabulary: Vocabulary | None = None  # from the datamodule; saved in every checkpoint
