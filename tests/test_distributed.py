@@ -70,6 +70,7 @@ def test_two_processes_write_one_run_folder(runs):
         ".hydra",
         "checkpoints",
         "metrics.json",
+        "run.lock",  # rank 0's only: it holds the folder
         "tensorboard",
         "train.log",
         "train_ddp_process_1.log",  # rank 1's log: Lightning names its Hydra job so
