@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lm import cache, dynamic_eval
 from lm.allocator import keep_freed_memory
-from lm.checkpoint import load_model
+from lm.checkpoint import load_model, pick_device
 from lm.corpus import Vocabulary, read_text
 from lm.data import TextDataModule
 from lm.errors import UserError, exit_on_user_error
@@ -59,7 +59,8 @@ def evaluate(cfg: DictConfig) -> dict:
             f"dynamic_eval.method={dynamic.method} and cache.window={cached.window} are both set; "
             "they are not combined: turn one off (dynamic_eval.method=null or cache.window=null)."
         )
-    model = load_model(cfg.ckpt_path)
+    device = evaluation_device(cfg)
+    model = load_model(cfg.ckpt_path, device)
     vocabulary = model.vocabulary
     datamodule = None
     if cfg.file:
@@ -80,15 +81,13 @@ def evaluate(cfg: DictConfig) -> dict:
         source = {"data_dir": str(datamodule.dir), "split": cfg.split}
 
     if len(ids) < 2:
-        raise UserError(f"{cfg.file or f'The {cfg.split} split'} holds no token to score.")
+        what = f"file={cfg.file}" if cfg.file else f"The {cfg.split} split"
+        raise UserError(f"{what} holds no token to score.")
     start = time.perf_counter()
     if dynamic.method or cached.window:
-        ppl, acc = adapted(cfg, model, ids, datamodule)
+        ppl, acc = adapted(cfg, model, ids, datamodule, device)
     else:
-        # One process: the batch-1 pass is one stream (several GPUs would each score all of it).
-        overrides = {"enable_checkpointing": False, "enable_progress_bar": False, "devices": 1}
-        if cfg.trainer.gpus:
-            overrides["gpus"] = 1
+        overrides = {"enable_checkpointing": False, "enable_progress_bar": False, **lightning_device(device)}
         trainer = build_trainer(OmegaConf.merge(cfg.trainer, overrides), logger=False)
         (result,) = trainer.test(model, dataloaders=stream_loader(ids, cfg.num_steps), verbose=False)
         ppl, acc = result["test/ppl"], result["test/acc"]
@@ -114,8 +113,33 @@ def evaluate(cfg: DictConfig) -> dict:
     return evaluation
 
 
+def evaluation_device(cfg: DictConfig) -> torch.device:
+    """The device of every pass, by the rule of generate.py and score.py (`device`, `auto`: the
+    GPU when there is one); `trainer.gpus=N`, Lightning 1.x's habit, means device=cuda."""
+    name, gpus = cfg.device, cfg.trainer.gpus
+    if gpus and not str(name).startswith("cuda"):
+        if name != "auto":
+            raise UserError(f"trainer.gpus={gpus} and device={name} conflict; give one of them.")
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.gpus={gpus} asks for a GPU but PyTorch sees none; drop it.")
+        name = "cuda"
+    return pick_device(name)
+
+
+def lightning_device(device: torch.device) -> dict:
+    """Trainer arguments for the plain pass on `device`: one process, as the batch-1 pass is one
+    stream (several GPUs would each score all of it)."""
+    if device.type == "cpu":
+        return {"accelerator": "cpu", "devices": 1, "gpus": None}
+    return {"accelerator": "gpu", "devices": [device.index or 0], "gpus": None}
+
+
 def adapted(
-    cfg: DictConfig, model: LanguageModel, ids: torch.Tensor, datamodule: TextDataModule | None
+    cfg: DictConfig,
+    model: LanguageModel,
+    ids: torch.Tensor,
+    datamodule: TextDataModule | None,
+    device: torch.device,
 ) -> tuple[float, float]:
     """Perplexity and accuracy with dynamic evaluation or the cache.
 
@@ -124,9 +148,6 @@ def adapted(
     does not allow; the cache, which reads the network's last-layer outputs rather than the
     LightningModule's test step, runs in a loop of the same kind.
     """
-    if cfg.trainer.gpus and not torch.cuda.is_available():
-        raise UserError(f"trainer.gpus={cfg.trainer.gpus} asks for a GPU but PyTorch sees none; drop it.")
-    device = torch.device("cuda" if cfg.trainer.gpus else "cpu")
     keep_freed_memory()  # dynamic evaluation frees megabytes of gradients every segment (lm/allocator.py)
     net = model.net.to(device).eval()
     dynamic, cached = cfg.dynamic_eval, cfg.cache

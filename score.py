@@ -30,8 +30,11 @@ def score(cfg: DictConfig) -> dict:
     if cfg.format not in ("tsv", "json"):
         raise UserError(f"format={cfg.format} is not an output format; use tsv or json.")
     device = pick_device(cfg.device)
+    path = Path(cfg.file).expanduser()
+    lines = text_lines(read_text(path))
+    if not lines:  # as evaluate.py: a file with no line has no target, not even an <eos>
+        raise UserError(f"file={path} holds no token to score: it is empty.")
     model = load_model(cfg.ckpt_path, device)
-    lines = text_lines(read_text(Path(cfg.file).expanduser()))
     scores = line_log_probs(model.net, model.vocabulary, lines, cfg.carry_state, device)
     rows = [
         {

@@ -12,6 +12,7 @@ perplexity so that Hydra sweepers can minimise it.
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,11 +28,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from lm.allocator import keep_freed_memory
-from lm.callbacks import Preempted, TokensPerSecond
+from lm.callbacks import TokensPerSecond
+from lm.checkpointing import Stopped, TrainingCheckpoint
 from lm.errors import exit_on_user_error, user_error_in
 from lm.module import Diverged, check_options
 from lm.resume import prepare_run_folder
-from lm.trainer import build_trainer, recover_training_state
+from lm.trainer import build_trainer, check_run_options, recover_training_state
 
 log = logging.getLogger("train")
 
@@ -41,6 +43,7 @@ def train(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     keep_freed_memory()
     check_options(**cfg.model)  # before the data is read or downloaded
+    check_run_options(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resume_from = prepare_run_folder(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -59,17 +62,16 @@ def train(cfg: DictConfig) -> dict:
         f"; resuming from {resume_from}" if resume_from else "",
     )
 
+    checkpointing = next((c for c in trainer.callbacks if isinstance(c, TrainingCheckpoint)), None)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
-    except (Preempted, SIGTERMException) as stop:  # Lightning's own, for a SIGTERM it saw first
-        reason = (
-            str(stop) or f"SIGTERM at step {trainer.global_step}: saved {run_dir / 'checkpoints/last.ckpt'}"
-        )
+    except (Stopped, SIGTERMException) as stop:  # Lightning's own: a SIGTERM before training began
+        reason = str(stop) or f"SIGTERM at step {trainer.global_step}, before training began: nothing saved"
         overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("resume="))
         log.warning("Stopped by %s. Continue with: python train.py %s resume=%s", reason, overrides, run_dir)
         return {"status": "preempted", "val_ppl": math.inf}
     except Diverged as stop:
-        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        last = str(checkpointing.last_path) if checkpointing and checkpointing.last_path.exists() else ""
         log.error(
             "Training diverged: %s. The last good checkpoint is %s. Lower model.lr or "
             "trainer.gradient_clip_val, or look at the data.",
@@ -82,17 +84,32 @@ def train(cfg: DictConfig) -> dict:
         return {**metrics, "val_ppl": math.inf}
     recover_training_state(trainer)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+    if best:
+        val_ppl = float(trainer.checkpoint_callback.best_model_score)
+    elif "val/ppl" in trainer.callback_metrics:  # validated, but no checkpoint callback kept the best
+        val_ppl = float(trainer.callback_metrics["val/ppl"])
+    else:
+        val_ppl = None
+        log.warning(
+            "No validation ran (trainer.limit_val_batches, check_val_every_n_epoch, val_check_interval or "
+            "max_steps): val_ppl is null, and the test uses the last weights."
+        )
+    (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None) or [
+        {}
+    ]  # limit_test_batches=0
+    if checkpointing and checkpointing.signal is not None:
+        log.warning(
+            "%s arrived after the last training step: the test was finished and metrics.json written; "
+            "the run is complete.",
+            signal.Signals(checkpointing.signal).name,
+        )
 
     throughput = next((c for c in trainer.callbacks if isinstance(c, TokensPerSecond)), None)
-    val_ppl = float(
-        trainer.checkpoint_callback.best_model_score if best else trainer.callback_metrics["val/ppl"]
-    )
     metrics = {
-        "status": "completed" if math.isfinite(val_ppl) else "diverged",
+        "status": "completed" if val_ppl is None or math.isfinite(val_ppl) else "diverged",
         "val_ppl": val_ppl,
-        "test_ppl": test["test/ppl"],
-        "test_acc": test["test/acc"],
+        "test_ppl": test.get("test/ppl"),
+        "test_acc": test.get("test/acc"),
         "epochs": trainer.fit_loop.epoch_progress.current.processed,
         "train_tokens_per_sec": throughput.tokens_per_sec if throughput else None,
         "wall_seconds": time.perf_counter() - started,
@@ -101,7 +118,10 @@ def train(cfg: DictConfig) -> dict:
     for logger in trainer.loggers:  # the HPARAMS tab of TensorBoard: one row per run of a sweep
         logger.log_hyperparams(
             hyperparameters(cfg),
-            {"hparams/val_ppl": metrics["val_ppl"], "hparams/test_ppl": metrics["test_ppl"]},
+            {  # NaN for what was not measured: TensorBoard takes no null
+                f"hparams/{key}": math.nan if metrics[key] is None else metrics[key]
+                for key in ("val_ppl", "test_ppl")
+            },
         )
         logger.finalize("success")
     if trainer.is_global_zero:
@@ -157,7 +177,8 @@ def main(cfg: DictConfig) -> float:
         sys.exit(1 if sweep else 0)
     if metrics["status"] == "diverged" and not sweep:
         sys.exit(1)
-    return metrics["val_ppl"] if math.isfinite(metrics["val_ppl"]) else math.inf
+    val_ppl = metrics["val_ppl"]
+    return val_ppl if val_ppl is not None and math.isfinite(val_ppl) else math.inf
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def lightning_tokens_per_sec(
 ) -> tuple[float, torch.device]:
     """The project's real path: Trainer, LightningModule, logger and progress bar as train.py has them."""
     throughput = TokensPerSecond()
-    callbacks = [throughput, instantiate(cfg.callbacks.lr_monitor), instantiate(cfg.callbacks.progress_bar)]
+    callbacks = [throughput, instantiate(cfg.callbacks.progress_bar)]
     overrides = {
         "max_epochs": 1,
         "limit_train_batches": steps,

@@ -1,5 +1,6 @@
 """Tokens, vocabulary and cached id tensors of a text corpus (design.md, "Data")."""
 
+import errno
 import hashlib
 import logging
 import os
@@ -166,6 +167,7 @@ def load_corpus(
         except Exception as error:  # a damaged cache is rebuilt, never trusted
             log.warning("Ignoring unreadable token cache %s (%s); rebuilding it.", cache_file, error)
 
+    _check_writable(Path(cache_dir))  # before tokenising, which takes a while on a big corpus
     tokens = {name: read_tokens(path, tokenizer) for name, path in files.items()}
     vocab = Vocabulary.build(tokens["train"], tokenizer, min_count, max_vocab)
     corpus = Corpus(vocab, {name: vocab.encode(split) for name, split in tokens.items()})
@@ -181,20 +183,36 @@ def _content_key(files: dict[str, Path], options: dict) -> str:
     return digest.hexdigest()[:16]
 
 
+def _check_writable(cache_dir: Path) -> None:
+    """The nearest folder of `cache_dir` that exists must take new files; nothing is created yet."""
+    existing = cache_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _cache_error(cache_dir, f"{existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _cache_error(cache_dir, f"{existing} is not writable")
+
+
+def _cache_error(cache_dir: Path, reason: str, disk_full: bool = False) -> UserError:
+    fix = "set data.cache_dir=PATH to a folder you can write"
+    if disk_full:
+        fix = "free some space, or set data.cache_dir=PATH on another disk"
+    return UserError(f"data.cache_dir={cache_dir} cannot hold the token cache ({reason}): {fix}.")
+
+
 def _save_atomically(obj: object, path: Path) -> None:
-    """Write to a temporary file and rename, so a killed run never leaves a half-written cache."""
+    """Write to a temporary file and rename, so a killed run or a full disk never leaves a
+    half-written cache."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    except OSError as error:
-        raise UserError(
-            f"Cannot write the token cache in {path.parent} ({error.strerror}); "
-            "set data.cache_dir=PATH to a writable folder."
-        ) from error
-    try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
         os.replace(tmp, path)
+    except OSError as error:  # read-only, no permission, full disk (EROFS, EACCES, EPERM, ENOSPC, ...)
+        raise _cache_error(path.parent, error.strerror or str(error), error.errno == errno.ENOSPC) from error
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)

@@ -9,13 +9,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lm.corpus import Corpus, Tokenizer, Vocabulary, load_corpus
+from lm.corpus import EOS, Corpus, Tokenizer, Vocabulary, load_corpus
 from lm.errors import UserError
 from lm.ptb import SPLITS, URL, ensure_ptb
 
 log = logging.getLogger(__name__)
 # The windows of a resumed epoch go on where Lightning's restored progress says (`resumed_position`);
-# Lightning cannot see that from the loader and would warn that it is not resumable.
+# Lightning cannot see that from the loader and would warn that it is not resumable (the warning,
+# and only it, is silenced).
 warnings.filterwarnings("ignore", message="You.re resuming from a checkpoint that ended before the epoch")
 
 
@@ -78,6 +79,11 @@ def resumed_position(trainer: L.Trainer, windows_per_epoch: int) -> int:
     Lightning restores its count of the epoch's batches and goes on from there; the windows and
     the carried state must go on from the same place (design.md: in order, each once an epoch).
     0 when not resuming, or when the checkpoint was taken at the end of an epoch.
+
+    Not Lightning's resumable-loader route (a loader's `state_dict`, saved by the fit loop): its
+    fetcher reads one window ahead of training, so a loader's own count is one ahead at a step's
+    end and not at an epoch's, and after the second-to-last step of an epoch the two look alike.
+    The restored batch progress is what Lightning itself trusts for "where in the epoch".
     """
     loop = getattr(trainer, "fit_loop", None)
     if loop is None or not loop.restarting:
@@ -161,11 +167,18 @@ class TextDataModule(L.LightningDataModule):
 
     @cached_property
     def corpus(self) -> Corpus:
-        corpus = load_corpus(self.files(), self.cache_dir, self.tokenizer, self.min_count, self.max_vocab)
+        files = self.files()
+        corpus = load_corpus(files, self.cache_dir, self.tokenizer, self.min_count, self.max_vocab)
         unknown = corpus.unknown_counts()
+        eos = corpus.vocab.index.get(EOS)
         for name, ids in corpus.splits.items():
             if len(ids) == 0:
                 raise UserError(f"The {name} split in {self.dir} (data.dir) holds no tokens.")
+            if bool((ids == eos).all()):  # blank lines only: it would train or score <eos> alone
+                raise UserError(
+                    f"The {name} split ({files[name].name} in data.dir={self.dir}) holds only blank lines: "
+                    "no word to learn or score."
+                )
             share = 100 * unknown[name] / len(ids)
             log.info("%s: %d tokens, %d of them <unk> (%.2f%%)", name, len(ids), unknown[name], share)
         log.info(
@@ -195,6 +208,14 @@ class TextDataModule(L.LightningDataModule):
         self.corpus  # noqa: B018 (the property does the work)
 
     def setup(self, stage: str) -> None:
+        # Private, but the Trainer's only record of the option: Lightning's sampler would re-split the
+        # rows' windows among the ranks and, with several processes, read each rank's in another order.
+        if self.trainer and self.trainer._accelerator_connector.use_distributed_sampler:
+            raise UserError(
+                "trainer.use_distributed_sampler=true would let Lightning re-split and reorder the "
+                "windows, which each rank reads in order from its own streams: set "
+                "trainer.use_distributed_sampler=false."
+            )
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sizes = {
             "train": (self.batch_size, self.num_steps, "data.batch_size", "data.num_steps"),

@@ -17,10 +17,12 @@ def check_rules(section: str, rules: Iterable[tuple[str, object, bool, str]]) ->
     """Raise one UserError for the first (key, value, valid, allowed) rule a config value breaks.
 
     A bool never passes: YAML's true and false would otherwise count as the numbers 1 and 0.
+    An empty `section` names top-level keys (`seed`).
     """
     for key, value, valid, allowed in rules:
         if isinstance(value, bool) or not valid:
-            raise UserError(f"{section}.{key}={value!r} is not allowed: it must be {allowed}.")
+            name = f"{section}.{key}" if section else key
+            raise UserError(f"{name}={value!r} is not allowed: it must be {allowed}.")
 
 
 def user_error_in(error: BaseException | None) -> UserError | None:

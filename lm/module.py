@@ -6,12 +6,12 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.optim import ASGD, SGD
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim import SGD
+from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MeanMetric, Metric
 
 from lm.corpus import Vocabulary
-from lm.errors import check_rules
+from lm.errors import UserError, check_rules
 from lm.model import LSTMLanguageModel, State, map_state
 
 log = logging.getLogger(__name__)
@@ -25,12 +25,13 @@ class Perplexity(Metric):
 
     full_state_update = False
 
-    def __init__(self) -> None:
+    def __init__(self, persistent: bool = False) -> None:
         super().__init__()
-        # Persistent: a run resumed mid-epoch goes on with the epoch's sums so far.
+        # Persistent for training only: a run resumed mid-epoch goes on with the epoch's sums so
+        # far; an evaluation starts from zero every time and saves nothing.
         zero = torch.tensor(0.0, dtype=torch.float64)
-        self.add_state("nll_sum", zero.clone(), dist_reduce_fx="sum", persistent=True)
-        self.add_state("count", zero.clone(), dist_reduce_fx="sum", persistent=True)
+        self.add_state("nll_sum", zero.clone(), dist_reduce_fx="sum", persistent=persistent)
+        self.add_state("count", zero.clone(), dist_reduce_fx="sum", persistent=persistent)
 
     def update(self, nll_sum: torch.Tensor, count: int) -> None:
         self.nll_sum += nll_sum.detach()
@@ -182,11 +183,13 @@ class LanguageModel(L.LightningModule):
         self.run_config: dict | None = None  # train.py's whole configuration, saved likewise
         self.train_state: State | None = None
         self.eval_state: State | None = None
-        # Non-monotonically triggered ASGD (Merity et al. 2017): the validation losses so far, and
-        # the epoch from which the weights are averaged (None: plain SGD still).
+        # Non-monotonically triggered ASGD (Merity et al. 2017): the validation losses so far, the
+        # epoch from which the weights are averaged (None: not yet), and their average, a frozen
+        # copy of the network (the optimiser and DDP see the raw weights only).
         self.val_losses: list[float] = []
         self.averaging_since: int | None = None
-        self.train_ppl, self.val_ppl, self.test_ppl = Perplexity(), Perplexity(), Perplexity()
+        self.averaged: AveragedModel | None = None
+        self.train_ppl, self.val_ppl, self.test_ppl = Perplexity(persistent=True), Perplexity(), Perplexity()
         # Per-token values, so an unweighted mean is exact; no NaN check, which would sync a GPU.
         self.val_acc, self.test_acc = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
 
@@ -207,35 +210,57 @@ class LanguageModel(L.LightningModule):
         if self.vocabulary is not None:
             checkpoint["vocabulary"] = self.vocabulary.state_dict()
         checkpoint["train_state"] = self._all_ranks_state()  # the carried state, for a mid-epoch resume
+        if self._trainer is not None and self.trainer.world_size > 1:  # each rank's sums of the epoch so far
+            sums = torch.stack([self.train_ppl.nll_sum, self.train_ppl.count])
+            checkpoint["train_ppl_by_rank"] = self.all_gather(sums)  # (ranks, 2)
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
         checkpoint["asgd"] = {"val_losses": self.val_losses, "averaging_since": self.averaging_since}
-        averages = self._averaged_weights()
-        if averages:  # the averaged weights are the model; training goes on from the raw ones
+        if (
+            self.averaged is not None
+        ):  # the averaged weights are the model; training goes on from the raw ones
             checkpoint["training_state_dict"] = checkpoint["state_dict"]
-            checkpoint["state_dict"] = {
-                key: averages.get(key, value) for key, value in checkpoint["state_dict"].items()
-            }
+            checkpoint["state_dict"] = {f"net.{k}": v for k, v in self.averaged.module.state_dict().items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         if "vocabulary" in checkpoint:
-            self.vocabulary = Vocabulary.from_state_dict(checkpoint["vocabulary"])
+            saved = Vocabulary.from_state_dict(checkpoint["vocabulary"])
+            if fitting and self.vocabulary is not None and saved != self.vocabulary:
+                raise UserError(
+                    f"resume: the checkpoint's vocabulary ({len(saved)} types) is not the one of the data "
+                    f"now ({len(self.vocabulary)}): data.dir or its files changed since the run began. "
+                    "Resume with the run's own data, or start a new run."
+                )
+            self.vocabulary = saved
         _upgrade(checkpoint)
-        if (
-            "training_state_dict" in checkpoint
-            and self._trainer is not None
-            and self.trainer.state.fn == "fit"
-        ):
-            checkpoint["state_dict"] = checkpoint["training_state_dict"]
         asgd = checkpoint.get("asgd", {})
         self.val_losses = list(asgd.get("val_losses", []))
         self.averaging_since = asgd.get("averaging_since")
+        self.averaged = None  # outside training, the averaged weights already are the model
+        if fitting and "training_state_dict" in checkpoint:
+            checkpoint["state_dict"] = checkpoint["training_state_dict"]
+            self.averaged = average_of(self.net)
+        self._restore_training_sums(checkpoint)
         state = checkpoint.get("train_state")
         if state is not None and self._trainer is not None and self.trainer.world_size > 1:
             rows = state[0][0].size(1) // self.trainer.world_size  # this rank's streams
             first = self.trainer.global_rank * rows
             state = map_state(lambda s: s[:, first : first + rows], state)
         self.train_state = state
+
+    def _restore_training_sums(self, checkpoint: dict) -> None:
+        """This rank's training sums: its own when the process count is the one saved, else the
+        total on rank 0 (the epoch's perplexity is their sum over ranks either way)."""
+        by_rank = checkpoint.get("train_ppl_by_rank")
+        if by_rank is None:
+            return  # one process saved it: the module's own state_dict holds the sums
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer else (1, 0)
+        if by_rank.size(0) == world:
+            sums = by_rank[rank]
+        else:
+            sums = by_rank.sum(0) if rank == 0 else torch.zeros_like(by_rank[0])
+        checkpoint["state_dict"]["train_ppl.nll_sum"], checkpoint["state_dict"]["train_ppl.count"] = sums
 
     def _all_ranks_state(self) -> State | None:
         """The carried state of all streams: each rank holds its own rows (called on every rank)."""
@@ -275,6 +300,7 @@ class LanguageModel(L.LightningModule):
         if self._logs_this_step():
             # Per token, comparable across num_steps; the mean over ranks is the global loss.
             self.log("train/loss", nll.detach() / y.numel(), sync_dist=True)
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])  # this window's
             # Running perplexity of this epoch on this rank, without a cross-rank reduction.
             self.log("train/ppl", torch.exp(self.train_ppl.nll_sum / self.train_ppl.count), prog_bar=True)
         return loss
@@ -282,13 +308,26 @@ class LanguageModel(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.log("train/epoch_ppl", self.train_ppl)  # Lightning computes, reduces and resets it
 
-    def on_train_batch_start(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """AWD-LSTM's variable windows: the step size follows the window's length (data.vary_num_steps)."""
-        num_steps = batch[0].size(1)
+    def learning_rate(self, epoch: int, num_steps: int) -> float:
+        """lr for 0-based epoch e: lr0 * decay ** max(e + 1 - decay_after, 0), times length / num_steps
+        for AWD-LSTM's variable windows.
+
+        A function of the epoch and the window rather than a scheduler that Lightning steps after
+        the epoch-end hooks: the lr is then right after a resume from any safe point.
+        """
+        hparams = self.hparams
+        lr = hparams.lr * hparams.lr_decay ** max(epoch + 1 - hparams.decay_after, 0)
         nominal = getattr(self.trainer.datamodule, "num_steps", num_steps)
-        groups = self.trainer.optimizers[0].param_groups
-        for group, lr in zip(groups, self.lr_schedulers().get_last_lr(), strict=True):
-            group["lr"] = lr * num_steps / nominal
+        return lr * num_steps / nominal
+
+    def on_train_batch_start(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        for group in self.trainer.optimizers[0].param_groups:
+            group["lr"] = self.learning_rate(self.current_epoch, batch[0].size(1))
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.averaged is not None:  # inside the step, so that no checkpoint falls in between
+            self.averaged.update_parameters(self.net)
 
     def _stop_if_diverged(self, nll: torch.Tensor) -> None:
         """Raise Diverged, before the step is taken, when the loss is not finite.
@@ -310,7 +349,6 @@ class LanguageModel(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.state.fn != "fit":
             return
-        self._swap_averaged_weights()  # back to the raw ones
         # The loss shows bad weights a step (on a GPU up to log_every_n_steps) later; an epoch end
         # in between must not let the checkpoint callback save them as the last good ones.
         if not all(bool(torch.isfinite(p).all()) for p in self.parameters()):
@@ -321,34 +359,14 @@ class LanguageModel(L.LightningModule):
         loss = math.log(float(self.val_ppl.compute()))
         n = self.hparams.asgd_nonmono
         if self.averaging_since is None and len(self.val_losses) > n and loss > min(self.val_losses[:-n]):
-            # No better than n epochs ago: average the weights from now on (NT-ASGD, Merity et al.)
+            # No better than n epochs ago: average the weights from now on (NT-ASGD, Merity et al.);
+            # the steps stay SGD's, the average is the mean of the weights after each step since.
             self.averaging_since = self.current_epoch
-            self.trainer.strategy.setup_optimizers(self.trainer)
+            self.averaged = average_of(self.net)
             log.info(
                 "epoch %d: validation stopped improving; averaging the weights (ASGD)", self.current_epoch + 1
             )
         self.val_losses.append(loss)
-
-    def _averaged_weights(self) -> dict[str, torch.Tensor]:
-        """ASGD's running averages by parameter name (tied weights under each name); {} before ASGD."""
-        if self.averaging_since is None or self._trainer is None or not self.trainer.optimizers:
-            return {}
-        state = self.trainer.optimizers[0].state
-        return {
-            name: state[p]["ax"]
-            for name, p in self.named_parameters(remove_duplicate=False)
-            if "ax" in state.get(p, {})
-        }
-
-    def _swap_averaged_weights(self) -> None:
-        """Exchange the weights with their averages: evaluation during training uses the averages."""
-        averages = self._averaged_weights()
-        with torch.no_grad():
-            for name, p in self.named_parameters():  # a tied matrix once
-                if name in averages:
-                    raw = p.clone()
-                    p.copy_(averages[name])
-                    averages[name].copy_(raw)
 
     def _logs_this_step(self) -> bool:
         """True on the steps after which Lightning writes the logs (every `log_every_n_steps`).
@@ -368,34 +386,20 @@ class LanguageModel(L.LightningModule):
         if self._logs_this_step():
             self.log("train/grad_norm", norm)
 
-    def configure_optimizers(self):
-        hparams = self.hparams
-        if self.averaging_since is None:
-            optimizer = SGD(self.parameters(), lr=hparams.lr, weight_decay=hparams.weight_decay)
-            start = 0
-        else:  # SGD steps that also average the weights from the switch on. (torch's ASGD takes
-            # each step with the lr of the step before, as it did in the AWD-LSTM code.)
-            optimizer = ASGD(
-                self.parameters(), lr=hparams.lr, t0=0, lambd=0.0, weight_decay=hparams.weight_decay
-            )
-            start = self.averaging_since
-        # lr for 0-based epoch e: lr0 * decay ** max(e + 1 - decay_after, 0)
-        schedule = LambdaLR(
-            optimizer, lambda epoch: hparams.lr_decay ** max(start + epoch + 1 - hparams.decay_after, 0)
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": schedule, "interval": "epoch", "name": "lr"},
-        }
+    def configure_optimizers(self) -> SGD:
+        # The lr is set before every step (`learning_rate`).
+        return SGD(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     # --- evaluation: state carried over the whole split, every target counted once -------------
     def on_validation_epoch_start(self) -> None:
         self.eval_state = None
-        if self.trainer.state.fn == "fit":
-            self._swap_averaged_weights()
+        self.val_ppl.reset()
+        self.val_acc.reset()
 
     def on_test_epoch_start(self) -> None:
         self.eval_state = None
+        self.test_ppl.reset()
+        self.test_acc.reset()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_ppl, self.val_acc)
@@ -409,9 +413,16 @@ class LanguageModel(L.LightningModule):
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], ppl: Perplexity, acc: MeanMetric) -> None:
         x, y = batch
-        logits, self.eval_state = self.net(x, self.eval_state)
+        net = self.averaged.module if self.averaged is not None else self.net  # NT-ASGD: the average
+        logits, self.eval_state = net(x, self.eval_state)
         ppl.update(self.summed_nll(logits, y), y.numel())
         acc.update((logits.argmax(-1) == y).flatten())
+
+
+def average_of(net: torch.nn.Module) -> AveragedModel:
+    """A running mean of `net`'s weights, updated after every step; frozen, so that no optimiser or
+    DDP takes it for weights to train."""
+    return AveragedModel(net).requires_grad_(False)
 
 
 def _upgrade(checkpoint: dict) -> None:

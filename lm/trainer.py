@@ -8,13 +8,14 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ProgressBar
 
 # Private, but the one way to tell that `ddp` will re-run the command line; a test fails if it moves.
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
-from lm.errors import UserError
+from lm.errors import UserError, check_rules
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,10 @@ def trainer_arguments(trainer_cfg: DictConfig) -> dict[str, Any]:
     GPUs; "auto" strategy picks DDP for several devices.
     """
     arguments = OmegaConf.to_container(trainer_cfg, resolve=True)
+    if SLURMEnvironment.detect() and not arguments.get("plugins"):
+        # lm.checkpointing saves and requeues at a safe point; Lightning's auto-requeue would save
+        # inside its signal handler, wherever the signal interrupted the step.
+        arguments["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     gpus = arguments.pop("gpus", None)
     if gpus is None or gpus == 0:
         return arguments
@@ -38,6 +43,48 @@ def trainer_arguments(trainer_cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"trainer.gpus={gpus} conflicts with trainer.accelerator={arguments['accelerator']}.")
     arguments.update(accelerator="gpu", devices=gpus)
     return arguments
+
+
+def check_run_options(cfg: DictConfig) -> None:
+    """Refuse, before any data is read, the run values that Lightning takes silently
+    (`gradient_clip_val=-1` ascends the gradient, `seed=1.5` is cut to 1) or refuses with a
+    traceback only once the corpus is loaded. What Lightning 2.6 accepts passes, 0 epochs included."""
+    batches = "null, an integer, 0 or more, or a share in [0.0, 1.0]"
+    rules = {
+        "max_epochs": (
+            lambda v: v is None or _integer(v, -1),
+            "an integer, 0 or more, -1 (no limit) or null",
+        ),
+        "max_steps": (lambda v: _integer(v, -1), "an integer, 0 or more, or -1 (no limit)"),
+        "gradient_clip_val": (
+            lambda v: v is None or (isinstance(v, int | float) and v >= 0),
+            "null or a number, 0 or more (0: no clipping; a negative bound would ascend the gradient)",
+        ),
+        **{f"limit_{stage}_batches": (_batches, batches) for stage in ("train", "val", "test", "predict")},
+        "check_val_every_n_epoch": (lambda v: v is None or _integer(v, 1), "null or an integer, 1 or more"),
+        "val_check_interval": (
+            lambda v: v != 0 and _batches(v),
+            "null, an integer, 1 or more (batches), or a share of the epoch in (0.0, 1.0]",
+        ),
+    }
+    trainer = cfg.trainer
+    check_rules(
+        "trainer",
+        [(key, trainer[key], valid(trainer[key]), allowed) for key, (valid, allowed) in rules.items()],
+    )
+    seeds = 2**32 - 1  # what NumPy, and so Lightning's seed_everything, accepts
+    check_rules(
+        "", [("seed", cfg.seed, _integer(cfg.seed, 0) and cfg.seed <= seeds, f"an integer in [0, {seeds}]")]
+    )
+
+
+def _integer(value: object, smallest: int) -> bool:
+    return isinstance(value, int) and value >= smallest
+
+
+def _batches(value: object) -> bool:
+    """Lightning's limit_*_batches and val_check_interval: null, a number of batches or a share of them."""
+    return value is None or _integer(value, 0) or (isinstance(value, float) and 0.0 <= value <= 1.0)
 
 
 def build_trainer(trainer_cfg: DictConfig, callbacks: list[Callback] = (), **objects: Any) -> L.Trainer:

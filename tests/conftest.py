@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig
 
 from lm import PROJECT_ROOT
@@ -73,7 +74,7 @@ def quiet_trainer(**kwargs) -> L.Trainer:
         accelerator="cpu",
         devices=1,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in kwargs.get("callbacks", [])),
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
@@ -93,15 +94,25 @@ TINY_RUN = [
 ]
 
 
-def run_train(*overrides: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
+def run_train(
+    *overrides: str, cwd: Path = PROJECT_ROOT, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`python train.py` as a user runs it, in a subprocess; its log is in `.stdout`."""
-    return run_script("train.py", *overrides, cwd=cwd)
+    return run_script("train.py", *overrides, cwd=cwd, env=env)
 
 
-def run_script(script: str, *overrides: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
-    """`python <script>` (train.py, evaluate.py, ...) in a subprocess, on the CPU as in CI."""
+def run_script(
+    script: str, *overrides: str, cwd: Path = PROJECT_ROOT, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`python <script>` (train.py, evaluate.py, ...) in a subprocess, on the CPU as in CI; `env`
+    replaces the environment."""
     # CPU only, as CI: the same numbers on any machine, and the no-GPU error path is real.
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **(env or os.environ),
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     return subprocess.run(
         [sys.executable, str(PROJECT_ROOT / script), *overrides],
         cwd=cwd,

@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from evaluate import evaluation_device, lightning_device
+from lm import PROJECT_ROOT
 from lm.generation import sample
 from lm.model import LSTMLanguageModel
 from tests.conftest import TINY_RUN, random_lines, run_script, run_train
+from tests.test_adaptation import run_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +173,68 @@ def test_sampling_stays_within_the_top_k_tokens():
         logits[:, len(prompt) - 1 :] > logits[:, len(prompt) - 1 :].gather(2, unrestricted.unsqueeze(2))
     ).sum(2)
     assert (ranks >= 3).any()  # without top_k, a hot sample leaves the top 3: the test above can fail
+
+
+def test_score_refuses_an_empty_file_and_writes_nothing(trained, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = run_script(
+        "score.py",
+        f"ckpt_path={trained['ckpt']}",
+        f"file={empty}",
+        f"output={tmp_path / 'out' / 'scores.tsv'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 1
+    assert f"file={empty} holds no token to score" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "run").glob("scores.*"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["dynamic_eval.method=sgd", "dynamic_eval.lr=0"],
+        ["cache.window=50", "cache.lambda=0", "cache.theta=1"],
+    ],
+    ids=["plain", "dynamic_eval", "cache"],
+)
+def test_every_evaluate_pass_runs_on_device_cpu(trained, tmp_path, overrides):
+    evaluation = run_evaluate(trained, tmp_path / "run", "device=cpu", *overrides)  # in this process
+    assert evaluation["ppl"] == pytest.approx(trained["metrics"]["test_ppl"], rel=1e-5)  # lr 0, lambda 0
+
+
+@pytest.mark.parametrize(
+    ("script", "overrides", "message"),
+    [
+        ("evaluate.py", ["device=cuda"], "device=cuda asks for a GPU PyTorch does not see (0); use cpu."),
+        ("evaluate.py", ["trainer.gpus=1"], "trainer.gpus=1 asks for a GPU but PyTorch sees none"),
+        ("evaluate.py", ["trainer.gpus=1", "device=cpu"], "trainer.gpus=1 and device=cpu conflict"),
+        ("generate.py", ["device=cuda"], "device=cuda asks for a GPU PyTorch does not see (0); use cpu."),
+        ("score.py", ["device=cuda", "file=x.txt"], "device=cuda asks for a GPU PyTorch does not see"),
+    ],
+)
+def test_a_gpu_that_is_not_there_is_one_line_for_each_tool(trained, tmp_path, script, overrides, message):
+    result = run_script(script, f"ckpt_path={trained['ckpt']}", *overrides, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    assert message in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "gpu"),
+    [([], 0), (["device=cuda"], 0), (["trainer.gpus=1"], 0), (["device=cuda:1"], 1), (["device=cpu"], None)],
+)
+def test_the_plain_and_the_adapted_passes_of_evaluate_get_one_device(monkeypatch, overrides, gpu):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", ["ckpt_path=unused", *overrides])
+    device = evaluation_device(cfg)  # what dynamic evaluation and the cache run on
+    if gpu is None:
+        assert device == torch.device("cpu")
+        assert lightning_device(device) == {"accelerator": "cpu", "devices": 1, "gpus": None}
+    else:
+        assert device.type == "cuda" and (device.index or 0) == gpu
+        assert lightning_device(device) == {"accelerator": "gpu", "devices": [gpu], "gpus": None}

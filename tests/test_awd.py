@@ -1,14 +1,15 @@
 """AWD-LSTM's regularisers, variable windows and NT-ASGD (Merity et al. 2017)."""
 
+import math
 import warnings
 
 import lightning as L
 import pytest
 import torch
-from conftest import compose_config, write_corpus, write_tiny_corpus
-from lightning.pytorch.callbacks import ModelCheckpoint
+from conftest import compose_config, quiet_trainer, write_corpus, write_tiny_corpus
 from torch import nn
 
+from lm.checkpointing import TrainingCheckpoint
 from lm.data import PTBDataModule, WindowDataset, batchify, variable_lengths
 from lm.model import LSTMLanguageModel, embedding_dropout, locked_dropout
 from lm.module import LanguageModel
@@ -129,6 +130,7 @@ class Recorder(L.Callback):
 
     def __init__(self):
         self.windows: dict[int, list[tuple[int, float]]] = {}
+        self.logged_lr: dict[int, list[float]] = {}  # the "lr" the module logged at each step
         self.validated: list[int] = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -137,6 +139,9 @@ class Recorder(L.Callback):
     def on_before_optimizer_step(self, trainer, module, optimizer):
         lr = optimizer.param_groups[0]["lr"]
         self.windows.setdefault(trainer.current_epoch, []).append((self.length, lr))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.logged_lr.setdefault(trainer.current_epoch, []).append(float(trainer.callback_metrics["lr"]))
 
     def on_validation_epoch_end(self, trainer, module):
         self.validated.append(trainer.current_epoch)
@@ -157,6 +162,8 @@ def test_training_with_variable_windows_scales_lr_and_validates_every_epoch(tmp_
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        log_every_n_steps=1,
         callbacks=[recorder],
     )
     trainer.fit(model, datamodule=datamodule)
@@ -166,6 +173,7 @@ def test_training_with_variable_windows_scales_lr_and_validates_every_epoch(tmp_
         assert sum(n for n, _ in windows) == targets  # the whole stream, once
         for n, lr in windows:
             assert lr == pytest.approx(2.0 * 0.5**epoch * n / 20)
+        assert recorder.logged_lr[epoch] == pytest.approx([lr for _, lr in windows])  # this window's lr
     assert recorder.windows[0] != recorder.windows[1]  # new windows each epoch
 
 
@@ -178,8 +186,14 @@ def test_nt_asgd_switches_when_validation_stops_improving_and_checkpoints_the_av
     datamodule = PTBDataModule(str(corpus), str(tmp_path / "cache"), batch_size=4, num_steps=10)
     model = LanguageModel(datamodule.vocab_size, hidden_size=8, lr=1.0, lr_decay=1.0, asgd_nonmono=1)
 
+    raw_weights = []  # the network's weights after every step since the switch
+
+    class RecordRawWeights(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if module.averaged is not None:
+                raw_weights.append({k: v.clone() for k, v in module.net.state_dict().items()})
+
     def trainer(epochs):
-        checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
         return L.Trainer(
             accelerator="cpu",
             max_epochs=epochs,
@@ -187,31 +201,40 @@ def test_nt_asgd_switches_when_validation_stops_improving_and_checkpoints_the_av
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
-            callbacks=[checkpoints],
+            use_distributed_sampler=False,
+            callbacks=[RecordRawWeights(), TrainingCheckpoint(tmp_path / "checkpoints")],
         )
 
     trainer(4).fit(model, datamodule=datamodule)
     losses = model.val_losses
     assert losses[1] > losses[0] and losses[2] > losses[0]  # the premise: validation gets worse
     assert model.averaging_since == 2  # the first epoch no better than the one before last
-    assert isinstance(model.trainer.optimizers[0], torch.optim.ASGD)
+    assert isinstance(model.trainer.optimizers[0], torch.optim.SGD)  # the steps stay SGD's
+    windows = len(datamodule.train_dataloader())
+    assert len(raw_weights) == windows  # epoch 3's steps, after epoch 2's validation switched
+    mean = {k: torch.stack([w[k] for w in raw_weights]).mean(0) for k in raw_weights[0]}
+    for name, value in model.averaged.module.state_dict().items():
+        torch.testing.assert_close(value, mean[name], rtol=1e-5, atol=1e-6)
 
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["asgd"] == {"val_losses": losses, "averaging_since": 2}
-    averages = checkpoint["optimizer_states"][0]["state"]
     weights, raw = checkpoint["state_dict"], checkpoint["training_state_dict"]
-    names = [name for name, _ in model.named_parameters()]
-    for i, name in enumerate(names):
-        assert torch.equal(weights[name], averages[i]["ax"])  # the model saved is the average
-        assert not torch.equal(weights[name], raw[name])
-    assert torch.equal(weights["net.decoder.weight"], averages[names.index("net.decoder.weight")]["ax"])
-
+    for name, value in model.averaged.module.state_dict().items():
+        assert torch.equal(weights[f"net.{name}"], value)  # the model saved is the average
+        assert torch.equal(raw[f"net.{name}"], raw_weights[-1][name])  # training goes on from the raw ones
+    # Validation used the average: the last epoch's validation loss is the averaged weights'.
     loaded = LanguageModel.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert torch.equal(loaded.net.embedding.weight, weights["net.embedding.weight"])
+    (result,) = quiet_trainer(limit_test_batches=None).test(
+        loaded, dataloaders=datamodule.val_dataloader(), verbose=False
+    )
+    assert math.log(result["test/ppl"]) == pytest.approx(losses[-1], rel=1e-6)
 
     resumed = LanguageModel(datamodule.vocab_size, hidden_size=8, lr=1.0, lr_decay=1.0, asgd_nonmono=1)
     trainer(5).fit(resumed, datamodule=datamodule, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
-    optimizer = resumed.trainer.optimizers[0]
-    assert isinstance(optimizer, torch.optim.ASGD) and resumed.averaging_since == 2
-    first = next(resumed.parameters())
-    assert optimizer.state[first]["step"] > averages[0]["step"]  # the average went on, not restarted
+    assert resumed.averaging_since == 2
+    assert int(resumed.averaged.n_averaged) == 2 * windows  # the average went on, not restarted
+    assert len(raw_weights) == 2 * windows
+    mean = {k: torch.stack([w[k] for w in raw_weights]).mean(0) for k in raw_weights[0]}
+    for name, value in resumed.averaged.module.state_dict().items():
+        torch.testing.assert_close(value, mean[name], rtol=1e-5, atol=1e-6)

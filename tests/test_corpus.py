@@ -1,9 +1,15 @@
 """design.md, "Data": tokens, vocabulary and the token cache."""
 
+import errno
+import os
+import re
+
+import pytest
 import torch
 
 from lm import corpus
 from lm.corpus import EOS, UNK, Vocabulary, load_corpus
+from lm.errors import UserError
 from lm.ptb import ptb_files
 from tests.conftest import write_corpus
 
@@ -59,3 +65,36 @@ def test_a_damaged_cache_is_rebuilt(tmp_path):
     cache_file.write_bytes(cache_file.read_bytes()[:20])  # as if the writer had been killed
     assert load_corpus(ptb_files(folder), tmp_path / "cache").vocab.decode(torch.tensor([0])) == ["a"]
     assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".pt"]  # no temporary files left
+
+
+def test_a_cache_folder_that_cannot_be_made_fails_before_tokenising_and_makes_nothing(tmp_path, monkeypatch):
+    folder = write_corpus(tmp_path / "data", {"train": ["a b"], "valid": ["a"], "test": ["b"]})
+    blocker = tmp_path / "a-file"  # a folder under a regular file stops root too, unlike chmod
+    blocker.write_text("")
+
+    def no_tokenising(path):
+        raise AssertionError(f"tokenised {path} before checking the cache folder")
+
+    monkeypatch.setattr(corpus, "read_tokens", no_tokenising)
+    message = (
+        f"data.cache_dir={blocker / 'cache'} cannot hold the token cache ({blocker} is a file, not a folder)"
+    )
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_corpus(ptb_files(folder), blocker / "cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "data"]
+
+
+def test_a_full_disk_while_caching_is_one_error_and_leaves_no_file(tmp_path, monkeypatch):
+    folder = write_corpus(tmp_path / "data", {"train": ["a b"], "valid": ["a"], "test": ["b"]})
+
+    def full_disk(obj, file):
+        file.write(b"half a cache")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    message = (
+        f"data.cache_dir={tmp_path / 'cache'} cannot hold the token cache (No space left on device): free"
+    )
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_corpus(ptb_files(folder), tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # neither the temporary file nor a cache

@@ -91,11 +91,11 @@ def test_test_perplexity_equals_a_token_by_token_batch_1_loop(tiny_corpus, tmp_p
 def test_learning_rate_decays_once_per_epoch_after_decay_after(tiny_corpus, tmp_path):
     datamodule, _ = tiny_setup(tiny_corpus, tmp_path, batch_size=4, num_steps=10)
     model = LanguageModel(datamodule.vocab_size, hidden_size=8, lr=1.0, lr_decay=0.5, decay_after=3)
-    rates = []  # (epoch, lr) at the first and the last step of every epoch
+    rates = []  # (epoch, lr) of every step, as the optimiser takes it
 
     class RecordLearningRate(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            rates.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            rates.append((trainer.current_epoch, optimizer.param_groups[0]["lr"]))
 
     quiet_trainer(
         max_epochs=6, limit_train_batches=3, limit_val_batches=1, callbacks=[RecordLearningRate()]

@@ -1,39 +1,30 @@
 """Resuming exactly, preemption, divergence, other runs' folders and bad configuration."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lm import PROJECT_ROOT
-from lm.callbacks import Preemption
+from lm.checkpointing import TrainingCheckpoint
 from lm.data import PTBDataModule
 from lm.errors import UserError
 from lm.module import LanguageModel
 from lm.resume import prepare_run_folder
-from tests.conftest import TINY_RUN, run_train, write_tiny_corpus
+from tests.conftest import TINY_RUN, quiet_trainer, run_script, run_train, write_corpus, write_tiny_corpus
 
 # Dropout on, so that only a restored random state can give the same numbers.
 EXACT = [*TINY_RUN, "model.dropout=0.3", "trainer.log_every_n_steps=1"]
-STEPS = 636  # training steps in an epoch of the corpus below (8 streams of 20-token windows)
+STEPS = 105  # training steps in an epoch of the corpus below (8 streams of 20-token windows)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> list[str]:
-    """A corpus long enough for a signal to land in the middle of an epoch (STEPS each)."""
+    """A corpus of STEPS windows an epoch: longer than a short run of max_steps=30."""
     root = tmp_path_factory.mktemp("reliability")
-    folder = write_tiny_corpus(root / "data", train_lines=12000)
+    folder = write_tiny_corpus(root / "data", train_lines=2000)
     data = PTBDataModule(
         dir=folder, cache_dir=root / "cache", url="file:///nowhere", batch_size=8, num_steps=20
     )
@@ -84,31 +75,6 @@ def test_resuming_at_an_epoch_boundary_reproduces_the_run(corpus, uninterrupted,
     assert_same_run(tmp_path / "run", uninterrupted)
     assert (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text().count("max_epochs=1") == 1  # kept
     assert len(list((tmp_path / "run" / ".hydra").glob("resumed-*/config.yaml"))) == 1
-
-
-def test_sigterm_saves_the_run_mid_epoch_and_it_resumes_exactly(corpus, uninterrupted, tmp_path):
-    run = tmp_path / "run"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, str(PROJECT_ROOT / "train.py"), *EXACT, *corpus, f"hydra.run.dir={run}"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not (run / "checkpoints" / "last.ckpt").exists():  # the first epoch has ended
-        assert time.monotonic() < deadline and process.poll() is None, process.stdout.read()
-        time.sleep(0.05)
-    time.sleep(0.5)  # most often into the second epoch; on a busy machine maybe still the first's end
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode == 0, output
-    assert "Stopped by SIGTERM at step" in output
-    stopped_at = int(output.split("Stopped by SIGTERM at step ")[1].split(":")[0])
-    assert STEPS <= stopped_at < 2 * STEPS  # in the second epoch, or right at its start
-    assert not (run / "metrics.json").exists()
-
-    command = output.split("Continue with: python train.py ")[1].splitlines()[0].split()  # as printed
-    assert command[-1] == f"resume={run}"
-    resumed = run_train(*command)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert_same_run(run, uninterrupted)
 
 
 def test_resuming_with_another_configuration_is_refused(corpus, uninterrupted):
@@ -204,25 +170,82 @@ def test_a_requeued_slurm_job_goes_on_in_its_folder(tmp_path, monkeypatch):
     assert prepare_run_folder(cfg, tmp_path) is None  # no refusal: Lightning resumes from hpc_ckpt_1
 
 
-def test_lightnings_own_sigterm_stop_saves_the_checkpoint_too(tiny_corpus, tmp_path):
-    class SignalAfterPreemptionLooked(L.Callback):  # so that Lightning's epoch-end check sees it first
-        def on_train_epoch_end(self, trainer, pl_module):
-            os.kill(os.getpid(), signal.SIGTERM)
-
+def test_last_ckpt_is_replaced_whole_or_not_at_all(tiny_corpus, tmp_path, monkeypatch):
     datamodule = PTBDataModule(
         dir=tiny_corpus, cache_dir=tmp_path / "cache", url="file:///nowhere", batch_size=4
     )
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[Preemption(), SignalAfterPreemptionLooked(), checkpoint],
+    checkpoints = TrainingCheckpoint(tmp_path / "checkpoints")
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[checkpoints])
+    trainer.fit(LanguageModel(datamodule.vocab_size, hidden_size=8), datamodule=datamodule)
+    good = checkpoints.last_path.read_bytes()
+
+    def killed_while_saving(path, *args, **kwargs):
+        Path(path).write_bytes(good[: len(good) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", killed_while_saving)
+    with pytest.raises(OSError):
+        checkpoints._save_last(trainer)
+    assert checkpoints.last_path.read_bytes() == good
+
+
+def test_evaluation_sums_are_not_saved_and_start_from_zero(tiny_corpus, tmp_path):
+    model = LanguageModel(100, hidden_size=8)
+    assert {key.split(".")[0] for key in model.state_dict() if "ppl" in key} == {"train_ppl"}
+    datamodule = PTBDataModule(
+        dir=tiny_corpus, cache_dir=tmp_path / "cache", url="file:///nowhere", batch_size=4
     )
-    with pytest.raises(SIGTERMException):
-        trainer.fit(LanguageModel(datamodule.vocab_size, hidden_size=8), datamodule=datamodule)
-    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert saved["epoch"] == 1 and saved["global_step"] == trainer.global_step  # after the first epoch
+    model = LanguageModel(datamodule.vocab_size, hidden_size=8)
+    datamodule.setup("test")
+    model.val_ppl.update(torch.tensor(1e6, dtype=torch.float64), 1)  # left over from an earlier pass
+    trainer = quiet_trainer()
+    (first,) = trainer.validate(model, dataloaders=datamodule.val_dataloader(), verbose=False)
+    (second,) = trainer.validate(model, dataloaders=datamodule.val_dataloader(), verbose=False)
+    assert first["val/ppl"] == second["val/ppl"] < 1e3
+
+
+@pytest.mark.parametrize(
+    "limit",
+    ["trainer.max_steps=30", "trainer.limit_val_batches=0", "trainer.check_val_every_n_epoch=2"],
+)
+def test_a_run_without_validation_tests_its_last_weights(corpus, tmp_path, limit):
+    run = tmp_path / "run"
+    result = run_train(*TINY_RUN, *corpus, "trainer.max_epochs=1", limit, f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No validation ran" in result.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["status"], metrics["val_ppl"], metrics["best_checkpoint"]) == ("completed", None, "")
+    if limit == "trainer.max_steps=30":  # the test's perplexity is the last weights'
+        saved = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+        assert saved["global_step"] == 30
+        evaluated = run_script(
+            "evaluate.py",
+            f"ckpt_path={run / 'checkpoints/last.ckpt'}",
+            *corpus,
+            f"hydra.run.dir={tmp_path / 'evaluation'}",
+        )
+        assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+        ppl = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())["ppl"]
+        assert metrics["test_ppl"] == pytest.approx(ppl, rel=1e-6)
+
+
+def test_a_trainer_that_would_reorder_the_windows_is_refused(corpus, tmp_path):
+    result = run_train(
+        *TINY_RUN, *corpus, "trainer.use_distributed_sampler=true", f"hydra.run.dir={tmp_path / 'run'}"
+    )
+    assert result.returncode == 1
+    assert "set trainer.use_distributed_sampler=false" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_resuming_on_data_with_another_vocabulary_is_refused(corpus, tmp_path):
+    run = tmp_path / "run"
+    first = run_train(*TINY_RUN, *corpus, "trainer.max_epochs=1", f"hydra.run.dir={run}")
+    assert first.returncode == 0, first.stdout + first.stderr
+    other = write_corpus(
+        tmp_path / "other", {split: ["some other words here"] * 400 for split in ("train", "valid", "test")}
+    )
+    result = run_train(*TINY_RUN, f"data.dir={other}", corpus[1], f"resume={run}")
+    assert result.returncode == 1
+    assert "resume: the checkpoint's vocabulary" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
