@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from lm.errors import UserError
 from lm.trainer import check_run_options
 from tests.conftest import TINY_RUN, compose_config, random_lines, run_train, write_corpus
 
@@ -37,9 +38,17 @@ def refused(result, message: str) -> None:
         ("trainer.val_check_interval=0.0", "trainer.val_check_interval=0.0 is not allowed"),
     ],
 )
-def test_a_bad_run_option_fails_before_any_data_is_read(override, message, tmp_path):
-    result = run_train(override, f"hydra.run.dir={tmp_path / 'run'}", "data.dir=/nonexistent")
-    refused(result, message)
+def test_a_bad_run_option_is_named_with_what_is_allowed(override, message):
+    with pytest.raises(UserError) as refusal:
+        check_run_options(compose_config(override))
+    assert message in str(refusal.value)
+
+
+def test_train_checks_the_run_options_before_any_data_is_read(tmp_path):
+    result = run_train(
+        "trainer.gradient_clip_val=-1", f"hydra.run.dir={tmp_path / 'run'}", "data.dir=/nonexistent"
+    )
+    refused(result, "trainer.gradient_clip_val=-1 is not allowed: it must be null or a")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
