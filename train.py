@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from torch.multiprocessing import ProcessRaisedException
 
 from lm.allocator import keep_freed_memory
 from lm.callbacks import TokensPerSecond
@@ -65,8 +66,15 @@ def train(cfg: DictConfig) -> dict:
     checkpointing = next((c for c in trainer.callbacks if isinstance(c, TrainingCheckpoint)), None)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
-    except (Stopped, SIGTERMException) as stop:  # Lightning's own: a SIGTERM before training began
-        reason = str(stop) or f"SIGTERM at step {trainer.global_step}, before training began: nothing saved"
+    except (Stopped, SIGTERMException, ProcessRaisedException) as stop:
+        if isinstance(stop, ProcessRaisedException):  # ddp_spawn: a worker's exception, as its traceback
+            if f"{Stopped.__module__}.Stopped: " not in str(stop):
+                raise
+            reason = str(stop).split(f"{Stopped.__module__}.Stopped: ")[1].splitlines()[0]
+        else:  # SIGTERMException: Lightning's own, for a SIGTERM in the moment before training began
+            reason = (
+                str(stop) or f"SIGTERM at step {trainer.global_step}, before training began: nothing saved"
+            )
         overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("resume="))
         log.warning("Stopped by %s. Continue with: python train.py %s resume=%s", reason, overrides, run_dir)
         return {"status": "preempted", "val_ppl": math.inf}
@@ -94,9 +102,8 @@ def train(cfg: DictConfig) -> dict:
             "No validation ran (trainer.limit_val_batches, check_val_every_n_epoch, val_check_interval or "
             "max_steps): val_ppl is null, and the test uses the last weights."
         )
-    (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None) or [
-        {}
-    ]  # limit_test_batches=0
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+    test = results[0] if results else {}  # none with trainer.limit_test_batches=0
     if checkpointing and checkpointing.signal is not None:
         log.warning(
             "%s arrived after the last training step: the test was finished and metrics.json written; "

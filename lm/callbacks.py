@@ -24,7 +24,7 @@ class TokensPerSecond(L.Callback):
         return self.total_tokens / self.total_seconds if self.total_seconds else 0.0
 
     def state_dict(self) -> dict[str, float]:
-        return {"total_tokens": self.total_tokens, "total_seconds": self.total_seconds}
+        return {"total_tokens": self.total_tokens, "total_seconds": self._seconds()}  # the epoch's so far too
 
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
         self.total_tokens, self.total_seconds = state_dict["total_tokens"], state_dict["total_seconds"]

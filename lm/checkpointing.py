@@ -51,6 +51,8 @@ class TrainingCheckpoint(Checkpoint):
         self.dirpath = Path(dirpath)
         self.requeue_command = requeue_command
         self.signal: int | None = None  # the first stop signal received, by any stage
+        self._saved = False  # last.ckpt written by this run
+        self._validation_metrics: dict[str, torch.Tensor] = {}  # from the checkpoint resumed
         self._previous: dict[int, object] = {}
 
     @property
@@ -63,8 +65,10 @@ class TrainingCheckpoint(Checkpoint):
             self.signal = signum
 
     def _install(self) -> None:
-        """Installed at the start of training and of the test, after Lightning's own handlers, which
-        would otherwise stop at a point of their choosing (or, on SLURM, save inside the handler)."""
+        """Installed at each stage's setup, so that Lightning's teardown restores these between the
+        fit and the test; and again over Lightning's own handlers once it has registered them (the
+        sanity check, training, the test), which would otherwise stop at a point of their choosing,
+        save inside the handler (SLURM), or broadcast from it (DDP). They stay until the test ends."""
         for signum in STOP_SIGNALS:
             previous = signal.signal(signum, self._note)
             self._previous.setdefault(signum, previous)
@@ -75,8 +79,17 @@ class TrainingCheckpoint(Checkpoint):
                 signal.signal(signum, previous)
         self._previous = {}
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._install()
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()
+        if self._validation_metrics:  # the validation logged before the stop, which the epoch end ranks
+            trainer.callback_metrics.update(self._validation_metrics)
+            self._validation_metrics = {}
         if trainer.is_global_zero:  # what a killed save left behind
             for partial in self.dirpath.glob(".last.ckpt.partial-*"):
                 partial.unlink()
@@ -85,21 +98,29 @@ class TrainingCheckpoint(Checkpoint):
         self._install()  # a signal during the final test: the test finishes, then train.py says so
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._uninstall()
+        if stage == "test":  # train.py's last stage
+            self._uninstall()
 
     # --- the safe points ------------------------------------------------------------------------
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
         epoch_loop = trainer.fit_loop.epoch_loop
-        # Private, but the loop's own answer to "does a validation follow this step"; a checkpoint
-        # taken before it would resume past a validation that never ran.
+        # Private, but the loop's own answers to "does a validation follow this step" (a checkpoint
+        # taken before it would resume past a validation that never ran) and "are gradients being
+        # accumulated" (they are not in a checkpoint).
         validation_follows = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
-        if epoch_loop.batch_progress.is_last_batch or validation_follows or epoch_loop._is_training_done:
-            return  # the epoch's end (or the validation) comes first; the flag waits for it
+        if (
+            epoch_loop.batch_progress.is_last_batch
+            or validation_follows
+            or epoch_loop._is_training_done
+            or epoch_loop._should_accumulate()
+        ):
+            return  # the epoch's end, the validation or the step comes first; the flag waits for it
         if trainer.world_size > 1 and (trainer.global_step % trainer.log_every_n_steps):
             return
         if self._stop_requested(trainer):
+            pl_module.check_weights_finite()  # on a GPU the loss is checked on logging steps only
             self._save_last(trainer)
             # This step's logged values: Lightning writes them after this hook, which the stop skips.
             trainer._logger_connector.update_train_step_metrics()
@@ -117,7 +138,7 @@ class TrainingCheckpoint(Checkpoint):
             self._stop(trainer, where)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.last_path.exists():  # training ended before any epoch did (max_epochs=0)
+        if not self._saved:  # training ended before any epoch did (max_epochs=0)
             self._save_last(trainer)
 
     def _stop_requested(self, trainer: L.Trainer) -> bool:
@@ -154,8 +175,19 @@ class TrainingCheckpoint(Checkpoint):
                 os.fsync(file.fileno())
             os.replace(partial, self.last_path)
         trainer.strategy.barrier("last.ckpt")
+        self._saved = True
 
-    # --- the random generators ------------------------------------------------------------------
+    # --- the last validation's values, and the random generators --------------------------------
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # With validations inside the epoch, the epoch's end ranks the best checkpoint by the last
+        # one; Lightning keeps logged values in memory only.
+        checkpoint["validation_metrics"] = {
+            key: value.cpu() for key, value in trainer.callback_metrics.items() if key.startswith("val/")
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._validation_metrics = checkpoint.get("validation_metrics", {})
+
     def state_dict(self) -> dict:
         # Tensors and plain values only, which torch.load(weights_only=True) accepts.
         name, keys, position, has_gauss, gauss = np.random.get_state()

@@ -216,9 +216,7 @@ class LanguageModel(L.LightningModule):
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
         checkpoint["asgd"] = {"val_losses": self.val_losses, "averaging_since": self.averaging_since}
-        if (
-            self.averaged is not None
-        ):  # the averaged weights are the model; training goes on from the raw ones
+        if self.averaged is not None:  # the average is the model; training goes on from the raw weights
             checkpoint["training_state_dict"] = checkpoint["state_dict"]
             checkpoint["state_dict"] = {f"net.{k}": v for k, v in self.averaged.module.state_dict().items()}
 
@@ -351,9 +349,7 @@ class LanguageModel(L.LightningModule):
             return
         # The loss shows bad weights a step (on a GPU up to log_every_n_steps) later; an epoch end
         # in between must not let the checkpoint callback save them as the last good ones.
-        if not all(bool(torch.isfinite(p).all()) for p in self.parameters()):
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            raise Diverged(self.global_step, self.current_epoch, lr, what="the weights")
+        self.check_weights_finite()
         if self.trainer.sanity_checking or self.hparams.asgd_nonmono is None:
             return
         loss = math.log(float(self.val_ppl.compute()))
@@ -367,6 +363,12 @@ class LanguageModel(L.LightningModule):
                 "epoch %d: validation stopped improving; averaging the weights (ASGD)", self.current_epoch + 1
             )
         self.val_losses.append(loss)
+
+    def check_weights_finite(self) -> None:
+        """Raise Diverged when a weight is not finite: no checkpoint may keep them as the last good ones."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            raise Diverged(self.global_step, self.current_epoch, lr, what="the weights")
 
     def _logs_this_step(self) -> bool:
         """True on the steps after which Lightning writes the logs (every `log_every_n_steps`).
@@ -382,7 +384,7 @@ class LanguageModel(L.LightningModule):
         if gradient_clip_algorithm == "value":
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         max_norm = gradient_clip_val if gradient_clip_val else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), max_norm)
         if self._logs_this_step():
             self.log("train/grad_norm", norm)
 

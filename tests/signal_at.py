@@ -16,8 +16,10 @@ class SignalAt(L.Callback):
     """Sends `signal_name` to this process at `point`:
 
     - `step`: right after training step `step` (global, 1-based);
+    - `batch`: right after training batch `batch` (0-based) of epoch `epoch`;
     - `last_step`: as the last step of epoch `epoch` (1-based) begins;
     - `validation`: after validation batch `batch` of epoch `epoch`'s validation;
+    - `fit_end`: when training has ended, before the test begins;
     - `test`: after test batch `batch` of the final test.
     """
 
@@ -43,6 +45,12 @@ class SignalAt(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.point == "step" and trainer.global_step == self.step:
+            self._fire(trainer)
+        if self.point == "batch" and trainer.current_epoch + 1 == self.epoch and batch_idx == self.batch:
+            self._fire(trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.point == "fit_end":
             self._fire(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

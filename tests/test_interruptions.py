@@ -29,6 +29,9 @@ CONFIGURATIONS = {
     "plain": [],
     "variable_windows": ["data.vary_num_steps=true"],
     "half_epoch_validation": ["trainer.val_check_interval=0.5"],
+    # Validation every 30 steps: the epoch's end ranks the best checkpoint by step 90's validation.
+    "interval_validation": ["trainer.val_check_interval=30"],
+    "accumulation": ["trainer.accumulate_grad_batches=2"],  # a step every two windows
     "nt_asgd": ["model.asgd_nonmono=1", "model.lr_decay=1.0", "trainer.max_epochs=5"],
 }
 STEPS = 100  # windows per epoch of the plain corpus (8 streams of 20 tokens)
@@ -133,6 +136,9 @@ def stop_and_resume(corpora, name: str, run: Path, signal_args: list[str], env: 
         # Validation after half of each epoch: stopped at the step after the mid-epoch validation.
         ("half_epoch_validation", "validation", {"epoch": 2, "batch": 1}, f"at step {STEPS + 51} (epoch 2)"),
         ("half_epoch_validation", "step", {"step": STEPS + 20}, f"at step {STEPS + 20} (epoch 2)"),
+        ("interval_validation", "step", {"step": STEPS + 95}, f"at step {STEPS + 95} (epoch 2)"),
+        # A signal between two windows of one step: the stop waits for the step.
+        ("accumulation", "batch", {"epoch": 2, "batch": 30}, f"at step {STEPS // 2 + 16} (epoch 2)"),
         ("nt_asgd", "validation", {"epoch": 4, "batch": 1}, f"at the end of epoch 4 (step {4 * ASGD_STEPS})"),
         ("nt_asgd", "step", {"step": 4 * ASGD_STEPS + 10}, f"at step {4 * ASGD_STEPS + 10} (epoch 5)"),
     ],
@@ -156,7 +162,7 @@ def test_sigusr1_off_slurm_stops_like_sigterm(corpora, references, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("point", "where"), [("validation", {"epoch": 3, "batch": 2}), ("test", {"batch": 2})]
+    ("point", "where"), [("validation", {"epoch": 3, "batch": 2}), ("fit_end", {}), ("test", {"batch": 2})]
 )
 def test_a_signal_after_the_last_step_lets_the_test_finish(corpora, references, tmp_path, point, where):
     run = tmp_path / "run"
