@@ -105,6 +105,10 @@ def assert_same_run(run: Path, reference: Path) -> None:
     for key in ("status", "val_ppl", "test_ppl", "test_acc", "epochs"):
         assert metrics[key] == wanted[key], key
     assert Path(metrics["best_checkpoint"]).name == Path(wanted["best_checkpoint"]).name
+    listing, expected_listing = (
+        sorted(p.name for p in (r / "checkpoints").iterdir()) for r in (run, reference)
+    )
+    assert listing == expected_listing  # no stale best checkpoint, no "-v1", no partial file
     final = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     reference_final = torch.load(reference / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     for name, tensor in reference_final["state_dict"].items():
@@ -136,7 +140,7 @@ def stop_and_resume(corpora, name: str, run: Path, signal_args: list[str], env: 
         # Validation after half of each epoch: stopped at the step after the mid-epoch validation.
         ("half_epoch_validation", "validation", {"epoch": 2, "batch": 1}, f"at step {STEPS + 51} (epoch 2)"),
         ("half_epoch_validation", "step", {"step": STEPS + 20}, f"at step {STEPS + 20} (epoch 2)"),
-        ("interval_validation", "step", {"step": STEPS + 95}, f"at step {STEPS + 95} (epoch 2)"),
+        ("interval_validation", "step", {"step": 2 * STEPS + 95}, f"at step {2 * STEPS + 95} (epoch 3)"),
         # A signal between two windows of one step: the stop waits for the step.
         ("accumulation", "batch", {"epoch": 2, "batch": 30}, f"at step {STEPS // 2 + 16} (epoch 2)"),
         ("nt_asgd", "validation", {"epoch": 4, "batch": 1}, f"at the end of epoch 4 (step {4 * ASGD_STEPS})"),
