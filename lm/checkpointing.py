@@ -142,12 +142,13 @@ class TrainingCheckpoint(Checkpoint):
             self._save_last(trainer)
 
     def _stop_requested(self, trainer: L.Trainer) -> bool:
-        requested = self.signal is not None
+        """Whether to stop here; with several processes, whether any rank was signalled, and then
+        every rank takes the same signal (a SIGUSR1 that reached rank 1 alone still requeues)."""
         if trainer.world_size > 1:
-            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-            if requested and self.signal is None:
-                self.signal = signal.SIGTERM  # another rank's signal
-        return requested
+            signum = torch.tensor(self.signal or 0, device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(signum, reduce_op=torch.distributed.ReduceOp.MAX))
+            self.signal = signum or None
+        return self.signal is not None
 
     def _stop(self, trainer: L.Trainer, where: str) -> None:
         reason = f"{signal.Signals(self.signal).name} {where}: saved {self.last_path}"
