@@ -160,7 +160,10 @@ class TrainingCheckpoint(Checkpoint):
         job = os.environ["SLURM_JOB_ID"]
         if "SLURM_ARRAY_JOB_ID" in os.environ:
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-        result = subprocess.run([*self.requeue_command.split(), job], capture_output=True, text=True)
+        try:
+            result = subprocess.run([*self.requeue_command.split(), job], capture_output=True, text=True)
+        except OSError as error:  # no scontrol on this node's PATH
+            return f"; requeueing SLURM job {job} failed ({error}): resume it with resume="
         if result.returncode:
             return f"; requeueing SLURM job {job} failed ({result.stderr.strip() or result.returncode})"
         return f"; requeued SLURM job {job}"
