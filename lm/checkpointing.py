@@ -51,7 +51,6 @@ class TrainingCheckpoint(Checkpoint):
         self.dirpath = Path(dirpath)
         self.requeue_command = requeue_command
         self.signal: int | None = None  # the first stop signal received, by any stage
-        self._saved = False  # last.ckpt written by this run
         self._validation_metrics: dict[str, torch.Tensor] = {}  # from the checkpoint resumed
         self._previous: dict[int, object] = {}
 
@@ -137,10 +136,6 @@ class TrainingCheckpoint(Checkpoint):
             where = f"at the end of epoch {trainer.current_epoch} (step {trainer.global_step})"
             self._stop(trainer, where)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._saved:  # training ended before any epoch did (max_epochs=0)
-            self._save_last(trainer)
-
     def _stop_requested(self, trainer: L.Trainer) -> bool:
         """Whether to stop here; with several processes, whether any rank was signalled, and then
         every rank takes the same signal (a SIGUSR1 that reached rank 1 alone still requeues)."""
@@ -179,7 +174,6 @@ class TrainingCheckpoint(Checkpoint):
                 os.fsync(file.fileno())
             os.replace(partial, self.last_path)
         trainer.strategy.barrier("last.ckpt")
-        self._saved = True
 
     # --- the last validation's values, and the random generators --------------------------------
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:

@@ -72,8 +72,8 @@ def prepare_run_folder(cfg: DictConfig, run_dir: Path) -> Path | None:
     """The checkpoint to resume from, if any, after checking that the run folder may be used.
 
     A folder that already holds checkpoints belongs to an earlier run: it is resumed (`resume=`,
-    or a requeued SLURM job's `last.ckpt`, or Lightning's own hpc checkpoint), replaced only when
-    asked (`overwrite=true`), or left alone; one that a live run holds is refused whatever is asked.
+    or a requeued SLURM job's `last.ckpt`), replaced only when asked (`overwrite=true`), or left
+    alone; one that a live run holds is refused whatever is asked.
     Claims the folder first where Hydra has not (a sweep's run, a test).
     """
     if cfg.resume:
@@ -84,16 +84,15 @@ def prepare_run_folder(cfg: DictConfig, run_dir: Path) -> Path | None:
     claim_run_folder(cfg, run_dir)
     if _requeued(cfg, run_dir):  # the same command again, in the folder its earlier process left
         last = run_dir / "checkpoints" / "last.ckpt"
-        if list(run_dir.glob("hpc_ckpt_*.ckpt")) or not last.is_file():
-            return None  # Lightning resumes from its own hpc checkpoint; or nothing was saved
+        if not last.is_file():
+            return None  # requeued before anything was saved: it starts again
         _check_same_config(cfg, last)
         return last
     if rank_zero_only.rank != 0:
         return None
     checkpoints = run_dir / "checkpoints"
     if cfg.overwrite and checkpoints.exists():
-        hpc_checkpoints = list(run_dir.glob("hpc_ckpt_*.ckpt"))
-        for earlier in (checkpoints, run_dir / "tensorboard", run_dir / "metrics.json", *hpc_checkpoints):
+        for earlier in (checkpoints, run_dir / "tensorboard", run_dir / "metrics.json"):
             if earlier.is_dir():
                 shutil.rmtree(earlier)
             elif earlier.exists():
@@ -251,12 +250,12 @@ def _slurm_job() -> str | None:
 
 
 def _requeued(cfg: DictConfig, run_dir: Path) -> bool:
-    """A requeued SLURM job (a new process: the one before it is gone) goes on in its own folder: one
-    whose run.lock names this job, or where Lightning's auto-requeue left an hpc_ckpt_<n>.ckpt."""
+    """A requeued SLURM job (a new process: the one before it is gone) goes on in its own folder, the
+    one whose run.lock names this job."""
     job = _slurm_job()
     if cfg.overwrite or job is None:
         return False
-    return bool(list(run_dir.glob("hpc_ckpt_*.ckpt"))) or _lock_text(run_dir).endswith(f" SLURM job {job}\n")
+    return _lock_text(run_dir).endswith(f" SLURM job {job}\n")
 
 
 def _check_same_config(cfg: DictConfig, checkpoint: Path) -> None:

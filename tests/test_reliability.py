@@ -161,15 +161,6 @@ def test_of_two_runs_started_in_one_folder_the_second_stops(tmp_path):
         prepare_run_folder(cfg, tmp_path)
 
 
-def test_a_requeued_slurm_job_goes_on_in_its_folder(tmp_path, monkeypatch):
-    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "42"}.items():
-        monkeypatch.setenv(name, value)
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"saved by Lightning before the requeue")
-    cfg = OmegaConf.create({"resume": None, "overwrite": False})
-    assert prepare_run_folder(cfg, tmp_path) is None  # no refusal: Lightning resumes from hpc_ckpt_1
-
-
 def test_last_ckpt_is_replaced_whole_or_not_at_all(tiny_corpus, tmp_path, monkeypatch):
     datamodule = PTBDataModule(
         dir=tiny_corpus, cache_dir=tmp_path / "cache", url="file:///nowhere", batch_size=4

@@ -190,9 +190,3 @@ def test_a_requeued_slurm_job_goes_on_from_the_last_checkpoint_its_earlier_proce
     (run / LOCK_FILE).write_text("pid 1 on node7, SLURM job 42\n")  # this job's, before its requeue
     assert prepare_run_folder(NEW, run) == run / "checkpoints" / "last.ckpt"
     assert (run / LOCK_FILE).read_text() == f"pid {os.getpid()} on {socket.gethostname()}, SLURM job 42\n"
-
-
-def test_a_requeued_slurm_job_leaves_lightnings_hpc_checkpoint_to_lightning(tmp_path, slurm_job):
-    run = earlier_run(tmp_path / "run", {"last.ckpt": b"weights"})
-    (run / "hpc_ckpt_1.ckpt").write_bytes(b"saved by Lightning's auto-requeue")
-    assert prepare_run_folder(NEW, run) is None  # Lightning resumes from hpc_ckpt_1
