@@ -1,14 +1,18 @@
 """PTB is found, or downloaded and verified; nothing the user had is overwritten."""
 
+import hashlib
+import json
 import logging
 import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
+from lm.corpus import load_corpus
 from lm.errors import UserError
-from lm.ptb import MD5, _md5, ensure_ptb
-from tests.conftest import write_corpus
+from lm.ptb import MD5, _md5, ensure_ptb, ptb_files
+from tests.conftest import run_train, write_corpus
 
 
 def make_archive(path: Path, files: dict[str, Path]) -> str:
@@ -62,3 +66,41 @@ def test_local_variants_are_used_with_a_warning_naming_each_file(tmp_path, caplo
     assert files["train"] == folder / "ptb.train.txt"
     for split in MD5:
         assert any(f"ptb.{split}.txt differs" in record.message for record in caplog.records)
+
+
+# Recorded with the in-memory token pipeline (before memory-mapped ids, issue 16): the vocabulary,
+# every id of every split, and the perplexities of a short run must never move.
+PTB_VOCAB_SHA256 = "d888f3e00cf4fb7621c94a3f2af5c5b686e6bef7cea81eee69291104b568386a"
+PTB_IDS_SHA256 = {
+    "train": "b2994dc02e2d40ac231456f1182dcde7a73eeea6999944dcc363d379653e3a0a",
+    "valid": "832903cc1263f7f83cbd1308eda65602cc8c92fe4a727a1463ed933cc8630d15",
+    "test": "ab4786bd425c09454e38f927f5c1fb3bc8b9dd33cb2b82b1453a60cc8d4398b1",
+}
+
+
+def test_ptb_vocabulary_and_ids_are_pinned(ptb_dir, tmp_path):
+    corpus = load_corpus(ptb_files(ptb_dir), tmp_path)
+    assert hashlib.sha256(json.dumps(corpus.vocab.tokens).encode()).hexdigest() == PTB_VOCAB_SHA256
+    ids = {
+        name: torch.as_tensor(split).long().numpy().astype("<i8").tobytes()
+        for name, split in corpus.splits.items()
+    }
+    assert {name: hashlib.sha256(data).hexdigest() for name, data in ids.items()} == PTB_IDS_SHA256
+
+
+@pytest.mark.slow
+def test_ptb_perplexities_are_pinned(ptb_dir, tmp_path):
+    result = run_train(
+        "model=small",
+        "model.hidden_size=32",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=200",
+        "trainer.limit_val_batches=20",
+        "trainer.enable_progress_bar=false",
+        f"data.dir={ptb_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["val_ppl"], metrics["test_ppl"]) == (743.2386428687307, 746.0846701303592)
