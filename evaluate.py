@@ -77,7 +77,7 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule = matching_datamodule(cfg, vocabulary)
         if cfg.split not in datamodule.corpus.splits:
             raise UserError(f"split={cfg.split} is not a split; use train, valid or test.")
-        ids = datamodule.corpus.splits[cfg.split]
+        ids = datamodule.corpus.splits[cfg.split].long()  # from the memory-mapped uint16 / uint32 ids
         source = {"data_dir": str(datamodule.dir), "split": cfg.split}
 
     if len(ids) < 2:

@@ -1,14 +1,28 @@
-"""Tokens, vocabulary and cached id tensors of a text corpus (design.md, "Data")."""
+"""Tokens, vocabulary and the prepared, memory-mapped token ids of a text corpus (design.md, "Data").
+
+A corpus is prepared once: its files are read in pieces of whole lines, the training split's
+words counted and every split's ids written to a flat file of uint16 (or uint32, for a
+vocabulary above 65,536 types). Later starts map those files into memory; nothing is tokenised
+again, and no process reads more of them than the rows it trains on.
+"""
 
 import errno
 import hashlib
+import itertools
+import json
 import logging
+import multiprocessing
 import os
+import shutil
 import tempfile
-from collections import Counter
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lm.errors import UserError
@@ -17,7 +31,11 @@ log = logging.getLogger(__name__)
 
 EOS = "<eos>"
 UNK = "<unk>"
-CACHE_FORMAT = 3  # bump when tokenisation or the vocabulary order changes
+CACHE_FORMAT = 4  # bump when tokenisation, the vocabulary order or the prepared files change
+PIECE_BYTES = 1 << 24  # text read and tokenised at a time: memory stays flat whatever the corpus size
+# A file's stat signature is trusted only once it is this much older than the moment it was taken:
+# a file system with coarse timestamps (FAT: 2 s) could otherwise hide a rewrite in the same tick.
+TIMESTAMP_SLACK_NS = 3_000_000_000
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,24 @@ class Tokenizer:
     def tokens(self, line: str) -> list[str]:
         words = (line.lower() if self.lowercase else line).split()
         return words if self.level == "word" else list(" ".join(words))
+
+    def piece_tokens(self, text: str) -> list[str]:
+        """The tokens of whole lines ended by \\n (the last one may lack it), `<eos>` closing each.
+
+        The same tokens as `tokens` line by line, `<eos>` appended; for words, in one C-level
+        split of the whole piece, since a line break is whitespace to `str.split` too.
+        """
+        if self.lowercase:
+            text = text.lower()
+        if not text.endswith("\n"):
+            text += "\n"
+        if self.level == "word":
+            return text.replace("\n", f" {EOS} ").split()
+        tokens: list[str] = []
+        for line in text[:-1].split("\n"):
+            tokens.extend(" ".join(line.split()))
+            tokens.append(EOS)
+        return tokens
 
     def join(self, tokens: list[str]) -> str:
         """Tokens back into text, a line break for each `<eos>`."""
@@ -72,18 +108,65 @@ def text_lines(text: str) -> list[str]:
 
 
 def read_text(path: Path) -> str:
+    return "".join(text_pieces(path, piece_bytes=None))
+
+
+def text_pieces(
+    path: Path, start: int = 0, end: int | None = None, piece_bytes: int | None = PIECE_BYTES
+) -> Iterator[str]:
+    """The text of a UTF-8 file's bytes [start, end) (both at line starts) in pieces of whole
+    lines (all at once for None), line ends as \n.
+
+    A piece is cut after a \n byte, which no multi-byte UTF-8 character contains, so neither a
+    character nor a \r\n is ever split.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} is not a file.")
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise UserError(
-            f"{path} is not UTF-8: byte {error.start} (line {line}) is {data[error.start : error.end]!r}. "
-            "Convert it, e.g. iconv -f latin1 -t utf-8."
-        ) from error
+    offset, rest = start, b""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while True:
+            size = piece_bytes or -1
+            if end is not None:
+                size = end - f.tell() if size < 0 else min(size, end - f.tell())
+            block = f.read(size)
+            data = rest + block
+            cut = data.rfind(b"\n") + 1 if block else len(data)
+            piece, rest = data[:cut], data[cut:]
+            if piece:
+                try:
+                    text = piece.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    at = offset + error.start
+                    raise UserError(
+                        f"{path} is not UTF-8: byte {at} (line {_line_at(path, at)}) is "
+                        f"{piece[error.start : error.end]!r}. Convert it, e.g. iconv -f latin1 -t utf-8."
+                    ) from error
+                yield text.replace("\r\n", "\n").replace("\r", "\n")
+                offset += len(piece)
+            if not block:
+                return
+
+
+def _line_at(path: Path, offset: int) -> int:
+    """The 1-based line of a byte offset (for an error message only: it reads up to there)."""
+    lines, done = 1, 0
+    with open(path, "rb") as f:
+        while done < offset and (block := f.read(min(PIECE_BYTES, offset - done))):
+            lines, done = lines + block.count(b"\n"), done + len(block)
+    return lines
+
+
+def line_ranges(path: Path, parts: int) -> list[tuple[int, int]]:
+    """About equal byte ranges of a file, each starting at a line start."""
+    size, cuts = path.stat().st_size, [0]
+    with open(path, "rb") as f:
+        for k in range(1, parts):
+            f.seek(max(size * k // parts - 1, cuts[-1]))
+            f.readline()  # on to the next line start (a \r-only file stays one range)
+            cuts.append(max(f.tell(), cuts[-1]))
+    return [(a, b) for a, b in zip(cuts, [*cuts[1:], size], strict=True) if b > a] or [(0, 0)]
 
 
 class Vocabulary:
@@ -103,9 +186,19 @@ class Vocabulary:
         min_count: int = 1,
         max_vocab: int | None = None,
     ) -> "Vocabulary":
+        return cls.from_counts(Counter(train_tokens), tokenizer, min_count, max_vocab)
+
+    @classmethod
+    def from_counts(
+        cls,
+        counts: Mapping[str, int],
+        tokenizer: Tokenizer = Tokenizer(),
+        min_count: int = 1,
+        max_vocab: int | None = None,
+    ) -> "Vocabulary":
         """Tokens seen at least `min_count` times, the `max_vocab` most frequent (`<unk>` and
         `<eos>` included); the others become `<unk>`."""
-        counts = Counter(train_tokens)
+        counts = dict(counts)
         counts.setdefault(UNK, 0)  # a corpus without <unk> still needs one for unseen words
         specials = [token for token in (UNK, EOS) if token in counts]
         words = [token for token in counts if token not in specials and counts[token] >= min_count]
@@ -117,9 +210,17 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def id_dtype(self) -> np.dtype:
+        """The narrowest unsigned type that holds every id: the prepared files' element type."""
+        return np.dtype("<u2") if len(self) <= 1 << 16 else np.dtype("<u4")
+
     def encode(self, tokens: list[str]) -> torch.Tensor:
-        unk_id, index = self.unk_id, self.index
-        return torch.tensor([index.get(token, unk_id) for token in tokens], dtype=torch.long)
+        return torch.from_numpy(self.encode_array(tokens, np.dtype(np.int64)))
+
+    def encode_array(self, tokens: list[str], dtype: np.dtype) -> np.ndarray:
+        lookup = map(self.index.get, tokens, itertools.repeat(self.unk_id))
+        return np.fromiter(lookup, dtype=dtype, count=len(tokens))
 
     def unknown(self, tokens: list[str]) -> list[str]:
         """The distinct tokens that will be read as `<unk>`, sorted."""
@@ -142,11 +243,16 @@ class Vocabulary:
 
 @dataclass
 class Corpus:
+    """The vocabulary, each split's ids (1-D, memory-mapped uint16 or uint32; windows read them as
+    int64) and, counted when prepared, each split's `<unk>` and `<eos>` tokens."""
+
     vocab: Vocabulary
-    splits: dict[str, torch.Tensor]  # split name -> 1-D token ids
+    splits: dict[str, torch.Tensor]
+    unknown: dict[str, int]
+    eos: dict[str, int]
 
     def unknown_counts(self) -> dict[str, int]:
-        return {name: int((ids == self.vocab.unk_id).sum()) for name, ids in self.splits.items()}
+        return dict(self.unknown)
 
 
 def load_corpus(
@@ -156,31 +262,250 @@ def load_corpus(
     min_count: int = 1,
     max_vocab: int | None = None,
 ) -> Corpus:
-    """Tokenise `files` (one must be "train") or load the ids cached for exactly their content
-    and these options."""
-    options = {"tokenizer": tokenizer, "min_count": min_count, "max_vocab": max_vocab}
-    cache_file = Path(cache_dir) / f"corpus-{_content_key(files, options)}.pt"
-    if cache_file.exists():
-        try:
-            saved = torch.load(cache_file, weights_only=True)
-            return Corpus(Vocabulary(saved["vocab"], tokenizer), saved["splits"])
-        except Exception as error:  # a damaged cache is rebuilt, never trusted
-            log.warning("Ignoring unreadable token cache %s (%s); rebuilding it.", cache_file, error)
+    """The corpus of `files` (one must be "train"), prepared in `cache_dir` for exactly their
+    content and these options: opened when prepared already, prepared otherwise."""
+    cache_dir = Path(cache_dir)
+    options = {"format": CACHE_FORMAT, "level": tokenizer.level, "lowercase": tokenizer.lowercase}
+    options |= {"min_count": min_count, "max_vocab": max_vocab}
+    files = {name: Path(path).resolve() for name, path in files.items()}
+    # Which prepared corpus these files were last time, recorded by path and stat signature so that
+    # an unchanged corpus opens without reading its text: see `_signature` for why that is safe.
+    sources = json.dumps([options, sorted((name, str(path)) for name, path in files.items())])
+    record_file = cache_dir / f"sources-{hashlib.sha256(sources.encode()).hexdigest()[:16]}.json"
+    taken_ns = time.time_ns()
+    signatures = {name: _signature(path) for name, path in files.items()}
+    record, tried = _read_json(record_file), None
+    if record and record["signatures"] == signatures and _settled(record):
+        tried = cache_dir / record["corpus"]
+        corpus = _open(tried, tokenizer)
+        if corpus is not None:
+            return corpus
 
-    _check_writable(Path(cache_dir))  # before tokenising, which takes a while on a big corpus
-    tokens = {name: read_tokens(path, tokenizer) for name, path in files.items()}
-    vocab = Vocabulary.build(tokens["train"], tokenizer, min_count, max_vocab)
-    corpus = Corpus(vocab, {name: vocab.encode(split) for name, split in tokens.items()})
-    _save_atomically({"vocab": vocab.tokens, "splits": corpus.splits}, cache_file)
+    folder = cache_dir / f"corpus-{_content_key(files, options)}"
+    corpus = _open(folder, tokenizer) if folder.exists() and folder != tried else None
+    if corpus is None:
+        _check_writable(cache_dir)  # before tokenising, which takes a while on a big corpus
+        _prepare(files, folder, tokenizer, min_count, max_vocab)
+        corpus = _open(folder, tokenizer)
+    _write_json({"signatures": signatures, "taken_ns": taken_ns, "corpus": folder.name}, record_file)
     return corpus
 
 
+def _signature(path: Path) -> list[int]:
+    """Size, modification and status-change times (ns), inode and device of a file.
+
+    Any write to a file moves its mtime and ctime, and ctime cannot be set back (`touch -d`,
+    `cp -p` and `rsync -t` restore mtime only); a file replaced by another has a new inode. So a
+    changed file never shows an old signature, except within one timestamp tick of the moment
+    the signature was taken, which `_settled` rules out. Copying the cache elsewhere only costs
+    one hash of the text.
+    """
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+
+
+def _settled(record: dict) -> bool:
+    """Every file was last changed well before its signature was taken (git's "racy clean" rule):
+    otherwise the next start hashes the text once more and records a settled signature."""
+    newest = max(max(mtime, ctime) for _, mtime, ctime, _, _ in record["signatures"].values())
+    return newest < record["taken_ns"] - TIMESTAMP_SLACK_NS
+
+
 def _content_key(files: dict[str, Path], options: dict) -> str:
-    digest = hashlib.sha256(f"format {CACHE_FORMAT} {sorted(options.items())}".encode())
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     for name in sorted(files):
         digest.update(name.encode())
-        digest.update(Path(files[name]).read_bytes())
+        with open(files[name], "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()[:16]
+
+
+def _prepare(
+    files: dict[str, Path], folder: Path, tokenizer: Tokenizer, min_count: int, max_vocab: int | None
+) -> None:
+    """Count and encode every split into a new folder, then rename it into place in one step."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
+    except OSError as error:
+        raise _cache_error(
+            folder.parent, error.strerror or str(error), error.errno == errno.ENOSPC
+        ) from error
+    try:
+        vocab, stats = _encode_splits(files, work, tokenizer, min_count, max_vocab)
+        _write_json(vocab.tokens, work / "vocab.json")
+        _write_json({"dtype": vocab.id_dtype.str, "splits": stats}, work / "meta.json")
+        if folder.exists():  # a damaged earlier preparation: set aside, then removed
+            shutil.rmtree(folder.rename(work.with_name(work.name + "-old")))
+        work.rename(folder)
+    except OSError as error:  # read-only, no permission, full disk (EROFS, EACCES, EPERM, ENOSPC, ...)
+        raise _cache_error(
+            folder.parent, error.strerror or str(error), error.errno == errno.ENOSPC
+        ) from error
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _encode_splits(
+    files: dict[str, Path], work: Path, tokenizer: Tokenizer, min_count: int, max_vocab: int | None
+) -> tuple[Vocabulary, dict]:
+    """The training split in one pass over its text, on every core: each part of the file gets
+    provisional ids in the order its tokens first appear, written to disk and counted; once
+    the parts' counts are summed, the vocabulary's order is known and a lookup table per part
+    renumbers its ids into train.bin. The other splits are encoded with the vocabulary."""
+    train = files["train"]
+    ranges = line_ranges(train, _workers(train))
+    parts = [work / f"train.{k}.provisional" for k in range(len(ranges))]
+    jobs = [(train, *span, tokenizer, part) for span, part in zip(ranges, parts, strict=True)]
+    started = time.perf_counter()
+    if len(jobs) == 1:
+        results = [_provisional_ids(*jobs[0], progress=True)]
+    else:  # forked, as DataLoader workers are: the children run numpy and Python only, no torch
+        with ProcessPoolExecutor(len(jobs) - 1, mp_context=multiprocessing.get_context("fork")) as pool:
+            others = [pool.submit(_provisional_ids, *job) for job in jobs[1:]]
+            results = [_provisional_ids(*jobs[0], progress=True), *(other.result() for other in others)]
+    counts: Counter[str] = Counter()
+    for words, part_counts in results:
+        counts.update(dict(zip(words, part_counts.tolist(), strict=True)))
+    vocab = Vocabulary.from_counts(counts, tokenizer, min_count, max_vocab)
+    stats: dict = {}
+    with open(work / "train.bin", "wb") as f:
+        for (words, _), part in zip(results, parts, strict=True):
+            renumber = vocab.encode_array(words, vocab.id_dtype)
+            for ids in _pieces_of(part, np.uint32):
+                stats = _add_stats(stats, _write(f, renumber[ids]), vocab)
+            part.unlink()
+    _log_pace(train, stats.get("tokens", 0), started, f"in {len(jobs)} processes")
+    splits = {"train": stats}
+    for name in sorted(set(files) - {"train"}):
+        stats, started = {}, time.perf_counter()
+        with open(work / f"{name}.bin", "wb") as f:
+            for text in text_pieces(files[name]):
+                ids = vocab.encode_array(tokenizer.piece_tokens(text), vocab.id_dtype)
+                stats = _add_stats(stats, _write(f, ids), vocab)
+        _log_pace(files[name], stats.get("tokens", 0), started)
+        splits[name] = stats
+    return vocab, {name: stats or {"tokens": 0, "unknown": 0, "eos": 0} for name, stats in splits.items()}
+
+
+def _workers(path: Path) -> int:
+    """One process per core for a big file; one for a small one, which spawning would only slow."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), path.stat().st_size // (4 * PIECE_BYTES)))
+
+
+def _provisional_ids(
+    path: Path, start: int, end: int, tokenizer: Tokenizer, out: Path, progress: bool = False
+) -> tuple[list[str], np.ndarray]:
+    """Tokens of bytes [start, end) of `path` as provisional ids in `out` (uint32), and the
+    distinct tokens in id order with their counts. A defaultdict whose factory is a counter gives
+    each new token the next id, in C: no Python code runs per token."""
+    provisional: defaultdict[str, int] = defaultdict(itertools.count().__next__)
+    counts = np.zeros(0, dtype=np.int64)
+    done, tokens, started, last = 0, 0, time.perf_counter(), time.perf_counter()
+    with open(out, "wb") as f:
+        for text in text_pieces(path, start, end):
+            piece = tokenizer.piece_tokens(text)
+            ids = np.fromiter(map(provisional.__getitem__, piece), dtype=np.uint32, count=len(piece))
+            counts = np.pad(counts, (0, len(provisional) - len(counts)))
+            counts += np.bincount(ids, minlength=len(counts))
+            _write(f, ids)
+            done, tokens = done + len(text), tokens + len(piece)
+            if progress and time.perf_counter() - last > 10:
+                last = time.perf_counter()
+                log.info(
+                    "preparing %s: %.0f%% of the first part read, %d tokens (%.1fM tokens/s per process)",
+                    path.name,
+                    100 * done / max(end - start, 1),
+                    tokens,
+                    tokens / (last - started) / 1e6,
+                )
+    return list(provisional), counts
+
+
+def _add_stats(stats: dict, ids: np.ndarray, vocab: Vocabulary) -> dict:
+    eos = vocab.index.get(EOS, -1)
+    counts = {"tokens": len(ids), "unknown": int((ids == vocab.unk_id).sum()), "eos": int((ids == eos).sum())}
+    return {key: stats.get(key, 0) + value for key, value in counts.items()}
+
+
+def _log_pace(path: Path, tokens: int, started: float, how: str = "in 1 process") -> None:
+    seconds = max(time.perf_counter() - started, 1e-9)
+    log.info(
+        "prepared %s: %d tokens in %.1f s (%.1fM tokens/s) %s",
+        path.name,
+        tokens,
+        seconds,
+        tokens / seconds / 1e6,
+        how,
+    )
+
+
+def _pieces_of(path: Path, dtype: type, count: int = PIECE_BYTES) -> Iterator[np.ndarray]:
+    with open(path, "rb") as f:
+        while len(ids := np.fromfile(f, dtype=dtype, count=count)):
+            yield ids
+
+
+def _write(f, ids: np.ndarray) -> np.ndarray:
+    f.write(memoryview(ids))
+    return ids
+
+
+def _open(folder: Path, tokenizer: Tokenizer) -> Corpus | None:
+    """The prepared corpus in `folder`, its ids memory-mapped; None (with a warning) if damaged."""
+    try:
+        tokens = json.loads((folder / "vocab.json").read_text())
+        meta = json.loads((folder / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        splits = {}
+        for name, stats in meta["splits"].items():
+            path = folder / f"{name}.bin"
+            if path.stat().st_size != stats["tokens"] * dtype.itemsize:
+                raise ValueError(f"{path.name} holds {path.stat().st_size} bytes, not {stats['tokens']} ids")
+            splits[name] = _mapped(path, stats["tokens"], dtype)
+    except (OSError, ValueError, KeyError, TypeError) as error:  # rebuilt, never trusted
+        log.warning("Ignoring the damaged prepared corpus %s (%s); preparing it again.", folder, error)
+        return None
+    stats = meta["splits"]
+    return Corpus(
+        Vocabulary(tokens, tokenizer),
+        splits,
+        {name: s["unknown"] for name, s in stats.items()},
+        {name: s["eos"] for name, s in stats.items()},
+    )
+
+
+def _mapped(path: Path, count: int, dtype: np.dtype) -> torch.Tensor:
+    """The ids of `path`, mapped copy-on-write: pages are read when touched, never written back."""
+    torch_dtype = torch.uint16 if dtype.itemsize == 2 else torch.uint32
+    if count == 0:  # an empty file cannot be mapped
+        return torch.empty(0, dtype=torch_dtype)
+    return torch.from_file(str(path), shared=False, size=count, dtype=torch_dtype)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(obj: object, path: Path) -> None:
+    """Write to a temporary file and rename, so a killed run or a full disk never leaves half a file."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except OSError as error:  # read-only, no permission, full disk (EROFS, EACCES, EPERM, ENOSPC, ...)
+        raise _cache_error(path.parent, error.strerror or str(error), error.errno == errno.ENOSPC) from error
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _check_writable(cache_dir: Path) -> None:
@@ -199,20 +524,3 @@ def _cache_error(cache_dir: Path, reason: str, disk_full: bool = False) -> UserE
     if disk_full:
         fix = "free some space, or set data.cache_dir=PATH on another disk"
     return UserError(f"data.cache_dir={cache_dir} cannot hold the token cache ({reason}): {fix}.")
-
-
-def _save_atomically(obj: object, path: Path) -> None:
-    """Write to a temporary file and rename, so a killed run or a full disk never leaves a
-    half-written cache."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except OSError as error:  # read-only, no permission, full disk (EROFS, EACCES, EPERM, ENOSPC, ...)
-        raise _cache_error(path.parent, error.strerror or str(error), error.errno == errno.ENOSPC) from error
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)

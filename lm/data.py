@@ -9,9 +9,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lm.corpus import EOS, Corpus, Tokenizer, Vocabulary, load_corpus
+from lm.corpus import Corpus, Tokenizer, Vocabulary, load_corpus
 from lm.errors import UserError
 from lm.ptb import SPLITS, URL, ensure_ptb
+from lm.wikitext import check_published_counts, ensure_wikitext, wikitext_files
 
 log = logging.getLogger(__name__)
 # The windows of a resumed epoch go on where Lightning's restored progress says (`resumed_position`);
@@ -54,8 +55,8 @@ class WindowDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < len(self.bounds):
             raise IndexError(i)
-        start, end = self.bounds[i]
-        return self.streams[:, start:end], self.streams[:, start + 1 : end + 1]
+        start, end = self.bounds[i]  # int64 for the embedding; the streams may be memory-mapped uint16
+        return self.streams[:, start:end].long(), self.streams[:, start + 1 : end + 1].long()
 
 
 def variable_lengths(targets: int, num_steps: int, generator: torch.Generator) -> list[int]:
@@ -170,11 +171,10 @@ class TextDataModule(L.LightningDataModule):
         files = self.files()
         corpus = load_corpus(files, self.cache_dir, self.tokenizer, self.min_count, self.max_vocab)
         unknown = corpus.unknown_counts()
-        eos = corpus.vocab.index.get(EOS)
         for name, ids in corpus.splits.items():
             if len(ids) == 0:
                 raise UserError(f"The {name} split in {self.dir} (data.dir) holds no tokens.")
-            if bool((ids == eos).all()):  # blank lines only: it would train or score <eos> alone
+            if corpus.eos[name] == len(ids):  # blank lines only: it would train or score <eos> alone
                 raise UserError(
                     f"The {name} split ({files[name].name} in data.dir={self.dir}) holds only blank lines: "
                     "no word to learn or score."
@@ -305,6 +305,31 @@ class PTBDataModule(TextDataModule):
 
     def files(self) -> dict[str, Path]:
         return ensure_ptb(self.dir, self.url)
+
+
+class WikiTextDataModule(TextDataModule):
+    """WikiText-2 or -103 (`name`): wiki.<split>.tokens in `dir`, downloaded and verified when missing.
+
+    Read as the AWD-LSTM code read them (every line, blank ones included, closed by `<eos>`), so
+    the perplexities compare with the published ones.
+    """
+
+    def __init__(self, dir: str, cache_dir: str, name: str, url: str, **options):
+        super().__init__(dir, cache_dir, **options)
+        self.name, self.url = name, url
+
+    def files(self) -> dict[str, Path]:
+        return ensure_wikitext(self.dir, self.name, self.url)
+
+    @cached_property
+    def corpus(self) -> Corpus:
+        corpus = super().corpus
+        counts = {split: len(ids) for split, ids in corpus.splits.items()}
+        files = wikitext_files(self.dir)
+        check_published_counts(
+            self.name, files, counts, len(corpus.vocab), self.tokenizer, self.min_count, self.max_vocab
+        )
+        return corpus
 
 
 def _names(suffix: str) -> str:

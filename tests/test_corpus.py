@@ -3,12 +3,13 @@
 import errno
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from lm import corpus
-from lm.corpus import EOS, UNK, Vocabulary, load_corpus
+from lm.corpus import EOS, UNK, Tokenizer, Vocabulary, load_corpus, read_tokens, text_lines
 from lm.errors import UserError
 from lm.ptb import ptb_files
 from tests.conftest import write_corpus
@@ -41,41 +42,134 @@ def test_lines_end_with_eos_and_unseen_words_become_unk(tmp_path):
     assert text.unknown_counts() == {"train": 0, "valid": 1, "test": 0}
 
 
-def test_second_load_comes_from_the_cache_and_edits_invalidate_it(tmp_path, monkeypatch):
+def forbid(monkeypatch, name: str, what: str) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what}: {args[:1]}")
+
+    monkeypatch.setattr(corpus, name, fail)
+
+
+def test_a_second_start_opens_the_prepared_ids_without_reading_the_text(tmp_path, monkeypatch):
     folder = write_corpus(tmp_path, {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
+    monkeypatch.setattr(corpus, "TIMESTAMP_SLACK_NS", 0)  # the files are seconds old, not minutes
     first = load_corpus(ptb_files(folder), tmp_path / "cache")
-
-    def no_tokenising(path):
-        raise AssertionError(f"re-tokenised {path}")
-
-    monkeypatch.setattr(corpus, "read_tokens", no_tokenising)
+    forbid(monkeypatch, "_content_key", "hashed the text again")
+    forbid(monkeypatch, "_encode_splits", "tokenised again")
     cached = load_corpus(ptb_files(folder), tmp_path / "cache")
     assert cached.vocab.tokens == first.vocab.tokens
     assert all(torch.equal(cached.splits[k], first.splits[k]) for k in first.splits)
+    assert cached.splits["train"].dtype == torch.uint16
 
-    monkeypatch.undo()
-    write_corpus(folder, {"train": ["a b c d"]})
+
+def test_an_edit_is_seen_even_with_the_same_size_and_the_old_mtime(tmp_path, monkeypatch):
+    folder = write_corpus(tmp_path, {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
+    monkeypatch.setattr(corpus, "TIMESTAMP_SLACK_NS", 0)
+    load_corpus(ptb_files(folder), tmp_path / "cache")
+    train = folder / "ptb.train.txt"
+    before = train.stat()
+    train.write_text(" a b d \n")  # same size
+    os.utime(train, ns=(before.st_atime_ns, before.st_mtime_ns))  # as `touch -d` or `cp -p` would
     assert "d" in load_corpus(ptb_files(folder), tmp_path / "cache").vocab.tokens
 
 
-def test_a_damaged_cache_is_rebuilt(tmp_path):
+def test_a_file_changed_within_a_timestamp_tick_of_its_signature_is_hashed_again(tmp_path, monkeypatch):
+    # A file system with whole-second times and no ctime or inode to go by: a rewrite of the same
+    # size in the same second keeps the signature, so a fresh signature must not be trusted.
+    def coarse(path):
+        return [path.stat().st_size, path.stat().st_mtime_ns // 10**9 * 10**9, 0, 0, 0]
+
+    monkeypatch.setattr(corpus, "_signature", coarse)
+    folder = write_corpus(tmp_path, {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
+    second = (folder / "ptb.train.txt").stat().st_mtime_ns // 10**9 * 10**9
+    load_corpus(ptb_files(folder), tmp_path / "cache")
+    (folder / "ptb.train.txt").write_text(" a b d \n")
+    os.utime(folder / "ptb.train.txt", ns=(second, second))
+    assert "d" in load_corpus(ptb_files(folder), tmp_path / "cache").vocab.tokens
+
+
+def test_the_same_text_elsewhere_reuses_the_prepared_ids(tmp_path, monkeypatch):
+    folder = write_corpus(tmp_path / "one", {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
+    first = load_corpus(ptb_files(folder), tmp_path / "cache")
+    copy = write_corpus(tmp_path / "two", {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
+    forbid(monkeypatch, "_encode_splits", "tokenised identical text again")
+    assert load_corpus(ptb_files(copy), tmp_path / "cache").vocab.tokens == first.vocab.tokens
+    assert len(list((tmp_path / "cache").glob("corpus-*"))) == 1
+
+
+def test_the_ids_are_mapped_from_the_prepared_file_not_read_into_memory(tmp_path):
+    folder = write_corpus(tmp_path, {"train": ["a b c"] * 1000, "valid": ["a"], "test": ["b"]})
+    ids = load_corpus(ptb_files(folder), tmp_path / "cache").splits["train"]
+    (prepared,) = (tmp_path / "cache").glob("corpus-*/train.bin")
+    address = ids.data_ptr()
+    mapped = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *_, name = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in span.split("-"))
+        if start <= address < end:
+            mapped.append(name)
+    assert mapped == [str(prepared)]
+
+
+def test_a_vocabulary_above_65536_types_is_stored_as_uint32(tmp_path):
+    words = [f"w{i}" for i in range(70_000)]
+    folder = write_corpus(tmp_path, {"train": [" ".join(words)], "valid": ["w1 w69999"], "test": ["w2"]})
+    text = load_corpus(ptb_files(folder), tmp_path / "cache")
+    assert text.splits["train"].dtype == torch.uint32 and len(text.vocab) == 70_002
+    assert text.vocab.decode(text.splits["valid"]) == ["w1", "w69999", EOS]
+
+
+WHITESPACE = "a\x0cb  c\u2028d\x85e\n\nÉcole  naïve\r\nΣΑΣ mix\rlast line without an end"
+
+
+@pytest.mark.parametrize("level", ["word", "char"])
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_prepared_ids_equal_the_plain_tokeniser_in_pieces_and_processes(
+    tmp_path, monkeypatch, level, lowercase
+):
+    # Pieces of 64 bytes and two processes (a file of 4 pieces or more gets one per core) must
+    # give the ids of tokenising the whole text line by line: the rule that defines them.
+    monkeypatch.setattr(corpus, "PIECE_BYTES", 64)
+    monkeypatch.setattr(corpus.os, "sched_getaffinity", lambda pid: {0, 1})
+    folder = tmp_path / "text"
+    folder.mkdir()
+    lines = [WHITESPACE] + [" ".join(f"w{(i * 7 + j) % 50}" for j in range(i % 9)) for i in range(300)]
+    for split in ("train", "valid", "test"):
+        (folder / f"ptb.{split}.txt").write_bytes("\n".join(lines).encode())
+    tokenizer = Tokenizer(level, lowercase)
+    assert corpus._workers(folder / "ptb.train.txt") == 2
+    prepared = load_corpus(ptb_files(folder), tmp_path / "cache", tokenizer)
+    tokens = read_tokens(folder / "ptb.train.txt", tokenizer)
+    vocab = Vocabulary.build(tokens, tokenizer)
+    assert prepared.vocab.tokens == vocab.tokens
+    assert prepared.splits["train"].long().tolist() == vocab.encode(tokens).tolist()
+    assert prepared.eos["train"] == len(text_lines("\n".join(lines))) == len(lines) + 4  # 4 in line 1
+
+
+def test_a_utf8_error_far_into_a_file_names_its_byte_and_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "PIECE_BYTES", 64)
+    folder = write_corpus(tmp_path, {"train": ["a b c"] * 100, "valid": ["a"], "test": ["b"]})
+    with open(folder / "ptb.train.txt", "ab") as f:
+        f.write("café\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"ptb.train.txt is not UTF-8: byte 803 \(line 101\) is b'\\xe9'"):
+        load_corpus(ptb_files(folder), tmp_path / "cache")
+
+
+def test_a_damaged_prepared_corpus_is_prepared_again(tmp_path, caplog):
     folder = write_corpus(tmp_path, {"train": ["a a b"], "valid": ["a"], "test": ["b"]})
     load_corpus(ptb_files(folder), tmp_path / "cache")
-    (cache_file,) = (tmp_path / "cache").iterdir()
-    cache_file.write_bytes(cache_file.read_bytes()[:20])  # as if the writer had been killed
+    (train,) = (tmp_path / "cache").glob("corpus-*/train.bin")
+    train.write_bytes(train.read_bytes()[:3])  # as if the disk had lost its end
     assert load_corpus(ptb_files(folder), tmp_path / "cache").vocab.decode(torch.tensor([0])) == ["a"]
-    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".pt"]  # no temporary files left
+    assert "damaged prepared corpus" in caplog.text
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(names) == 2 and names[0].startswith("corpus-") and names[1].startswith("sources-")
 
 
 def test_a_cache_folder_that_cannot_be_made_fails_before_tokenising_and_makes_nothing(tmp_path, monkeypatch):
     folder = write_corpus(tmp_path / "data", {"train": ["a b"], "valid": ["a"], "test": ["b"]})
     blocker = tmp_path / "a-file"  # a folder under a regular file stops root too, unlike chmod
     blocker.write_text("")
-
-    def no_tokenising(path):
-        raise AssertionError(f"tokenised {path} before checking the cache folder")
-
-    monkeypatch.setattr(corpus, "read_tokens", no_tokenising)
+    forbid(monkeypatch, "_encode_splits", "tokenised before checking the cache folder")
     message = (
         f"data.cache_dir={blocker / 'cache'} cannot hold the token cache ({blocker} is a file, not a folder)"
     )
@@ -87,14 +181,14 @@ def test_a_cache_folder_that_cannot_be_made_fails_before_tokenising_and_makes_no
 def test_a_full_disk_while_caching_is_one_error_and_leaves_no_file(tmp_path, monkeypatch):
     folder = write_corpus(tmp_path / "data", {"train": ["a b"], "valid": ["a"], "test": ["b"]})
 
-    def full_disk(obj, file):
-        file.write(b"half a cache")
+    def full_disk(file, ids):
+        file.write(b"half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(corpus, "_write", full_disk)
     message = (
         f"data.cache_dir={tmp_path / 'cache'} cannot hold the token cache (No space left on device): free"
     )
     with pytest.raises(UserError, match=re.escape(message)):
         load_corpus(ptb_files(folder), tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []  # neither the temporary file nor a cache
+    assert list((tmp_path / "cache").iterdir()) == []  # neither the half-written folder nor a record

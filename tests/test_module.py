@@ -78,7 +78,7 @@ def test_test_perplexity_equals_a_token_by_token_batch_1_loop(tiny_corpus, tmp_p
     datamodule, model = tiny_setup(tiny_corpus, tmp_path, test_num_steps=37)
     (result,) = quiet_trainer().test(model, datamodule=datamodule, verbose=False)
 
-    ids = datamodule.corpus.splits["test"]
+    ids = datamodule.corpus.splits["test"].long()
     model.eval()
     total_nll, state = 0.0, None
     with torch.no_grad():

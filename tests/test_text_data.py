@@ -1,6 +1,7 @@
 """`data=text`: any folder of train/valid/test text, its options and its errors."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_the_options_key_the_token_cache(tmp_path):
     assert len(corpus_of(folder, tmp_path).vocabulary) != len(
         corpus_of(folder, tmp_path, lowercase=True).vocabulary
     )
-    assert len(list((tmp_path / "cache").glob("corpus-*.pt"))) == 2
+    assert len(list((tmp_path / "cache").glob("corpus-*"))) == 2
     assert corpus_of(folder, tmp_path).vocabulary == corpus_of(folder, tmp_path).vocabulary  # from the cache
 
 
@@ -113,3 +114,23 @@ def test_text_splits_read_like_ptb(tmp_path):
     data.setup("fit")
     x, y = next(iter(data.train_dataloader()))
     assert x.shape == (2, 5) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_each_rank_reads_its_own_rows_of_the_mapped_ids_without_a_copy(tmp_path):
+    data = TextDataModule(
+        dir=str(write_text(tmp_path / "text", {s: "x y z\n" * 50 for s in ("train", "valid", "test")})),
+        cache_dir=str(tmp_path / "cache"),
+        batch_size=4,
+        eval_batch_size=4,
+        num_steps=5,
+    )
+    connector = SimpleNamespace(use_distributed_sampler=False)
+    data.trainer = SimpleNamespace(global_rank=1, world_size=2, _accelerator_connector=connector)
+    data.setup("fit")
+    ids, streams = data.corpus.splits["train"], data.streams["train"]
+    per_stream = len(ids) // 4
+    assert streams.shape == (2, per_stream) and streams.dtype == torch.uint16
+    # Rank 1 owns rows 2 and 3: a view that starts where they start in the mapped file.
+    assert streams.data_ptr() == ids.data_ptr() + 2 * per_stream * ids.element_size()
+    x, y = next(iter(data.train_dataloader()))
+    assert x.dtype == torch.long and x.tolist() == streams[:, :5].long().tolist()
