@@ -58,13 +58,13 @@ def cache_log_probs(
     and whether it was the likeliest token; `interpolation` is the paper's lambda. `num_steps`
     only sets how many targets are computed at once."""
     log_weights = torch.tensor([1 - interpolation, interpolation], dtype=torch.float64, device=device).log()
-    past_features = torch.empty(0, net.decoder.in_features, device=device, dtype=torch.float64)
+    past_features = torch.empty(0, net.output_size, device=device, dtype=torch.float64)
     past_targets = torch.empty(0, device=device, dtype=torch.long)
     log_probs, correct, state = [], [], None
     for x, y in stream_loader(ids, num_steps):
         x, y = x.to(device), y[0].to(device)
         features, state = net.hidden(x, state)
-        model_log_probs = F.log_softmax(net.decoder(features)[0].double(), dim=-1)
+        model_log_probs = F.log_softmax(net.logits(features)[0].double(), dim=-1)
         queries = features[0].double()
         keys, values = torch.cat([past_features, queries]), torch.cat([past_targets, y])
         # Target j of this window (position past + j) sees the positions in [past + j - window, past + j).

@@ -2,10 +2,13 @@
 
 import logging
 import math
+from collections.abc import Sequence
+from itertools import pairwise
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from omegaconf import ListConfig, OmegaConf
 from torch.optim import SGD
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics import MeanMetric, Metric
@@ -41,9 +44,25 @@ class Perplexity(Metric):
         return torch.exp(self.nll_sum / self.count)
 
 
-def summed_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of targets y (batch, steps) under logits (batch, steps, vocab), summed."""
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+def summed_nll(net: LSTMLanguageModel, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training loss's sum: NLL of targets y (batch, steps) at the last layer's dropped outputs."""
+    return negated_sum(net.target_log_probs(features, y))
+
+
+def evaluation_scores(
+    net: LSTMLanguageModel, features: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of targets y (batch, steps) and whether each was the likeliest token."""
+    log_probs, likeliest = net.evaluate_targets(features, y)
+    return negated_sum(log_probs), likeliest == y
+
+
+def negated_sum(log_probs: torch.Tensor) -> torch.Tensor:
+    """-sum(log_probs), added up by nll_loss's own reduction: the one of F.cross_entropy(reduction=
+    "sum"), so a full softmax's sums keep every bit of the perplexities pinned in tests/test_ptb.py
+    (a plain `.sum()` adds in another order and differs in the last bits)."""
+    flat = log_probs.reshape(-1, 1)
+    return F.nll_loss(flat, flat.new_zeros(len(flat), dtype=torch.long), reduction="sum")
 
 
 class Diverged(Exception):
@@ -74,9 +93,15 @@ def check_options(
     weight_decay,
     loss_average,
     asgd_nonmono,
+    tie_weights,
+    softmax,
+    cutoffs,
+    div_value,
+    vocab_size=None,
     **_,
 ) -> None:
-    """One clear error, before any work, for a value the model cannot train with."""
+    """One clear error, before any work, for a value the model cannot train with; the cutoffs
+    against the vocabulary once its size is known (the module's __init__)."""
     rules = [
         (
             "hidden_size",
@@ -128,8 +153,38 @@ def check_options(
             asgd_nonmono is None or isinstance(asgd_nonmono, int) and asgd_nonmono >= 1,
             "null (plain SGD) or an integer, 1 or more",
         ),
+        ("softmax", softmax, softmax in ("full", "adaptive"), "full or adaptive"),
+        ("div_value", div_value, isinstance(div_value, int | float) and div_value > 0, "a number above 0"),
     ]
+    if softmax == "adaptive":
+        limit = "" if vocab_size is None else f" and below the vocabulary size ({vocab_size})"
+        allowed = f"a strictly increasing list of integers, each 1 or more{limit}, such as [2000,5000]"
+        rules.append(("cutoffs", cutoffs, _cutoffs_valid(cutoffs, vocab_size), allowed))
+    else:
+        allowed = "null with model.softmax=full; set model.softmax=adaptive to use them"
+        rules.append(("cutoffs", cutoffs, cutoffs is None, allowed))
     check_rules("model", rules)
+    if softmax == "adaptive" and hidden_size // div_value ** len(cutoffs) < 1:
+        raise UserError(
+            f"model.div_value={div_value} leaves the last of {len(cutoffs)} tail clusters no projection "
+            f"(model.hidden_size {hidden_size} // {div_value} ** {len(cutoffs)} = 0 units): lower "
+            "model.div_value or give fewer model.cutoffs."
+        )
+    if softmax == "adaptive" and tie_weights:
+        raise UserError(
+            "model.tie_weights=true is not allowed with model.softmax=adaptive: its projections cannot "
+            "share the embedding matrix; set model.tie_weights=false or model.softmax=full."
+        )
+
+
+def _cutoffs_valid(cutoffs, vocab_size: int | None) -> bool:
+    """A list (or Hydra's ListConfig) of integers 1 <= c_1 < c_2 < ... < vocab_size."""
+    if not isinstance(cutoffs, Sequence) or isinstance(cutoffs, str) or len(cutoffs) == 0:
+        return False
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in cutoffs):
+        return False
+    increasing = cutoffs[0] >= 1 and all(a < b for a, b in pairwise(cutoffs))
+    return increasing and (vocab_size is None or cutoffs[-1] < vocab_size)
 
 
 class LanguageModel(L.LightningModule):
@@ -159,8 +214,13 @@ class LanguageModel(L.LightningModule):
         weight_decay: float = 0.0,
         loss_average: str = "streams",
         asgd_nonmono: int | None = None,
+        softmax: str = "full",
+        cutoffs: list[int] | None = None,
+        div_value: float = 4.0,
     ):
         super().__init__()
+        if isinstance(cutoffs, ListConfig):  # from Hydra: saved as a plain list, as every other value
+            cutoffs = OmegaConf.to_container(cutoffs)
         self.save_hyperparameters()
         check_options(**self.hparams)
         self.net = LSTMLanguageModel(
@@ -177,8 +237,12 @@ class LanguageModel(L.LightningModule):
             embedding_dropout=embedding_dropout,
             weight_drop=weight_drop,
             init=init,
+            softmax=softmax,
+            cutoffs=cutoffs,
+            div_value=div_value,
         )
-        self.summed_nll = summed_nll  # compiled in setup() when asked
+        # The softmax and loss, compiled in setup() when asked.
+        self.summed_nll, self.evaluation_scores = summed_nll, evaluation_scores
         self.vocabulary: Vocabulary | None = None  # from the datamodule; saved in every checkpoint
         self.run_config: dict | None = None  # train.py's whole configuration, saved likewise
         self.train_state: State | None = None
@@ -205,6 +269,7 @@ class LanguageModel(L.LightningModule):
         # Compiled here, in the process that trains: ddp_spawn cannot pickle a compiled function.
         if self.hparams.compile and self.summed_nll is summed_nll:
             self.summed_nll = torch.compile(summed_nll)
+            self.evaluation_scores = torch.compile(evaluation_scores)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.vocabulary is not None:
@@ -281,7 +346,7 @@ class LanguageModel(L.LightningModule):
         out, state = self.net.hidden(x, self.train_state)
         self.train_state = map_state(torch.Tensor.detach, state)  # truncated BPTT
         dropped = self.net.drop_output(out)
-        nll = self.summed_nll(self.net.decoder(dropped), y)
+        nll = self.summed_nll(self.net, dropped, y)
         # "streams": summed over the time steps, averaged over the streams, the scale at which lr 1
         # and clipping at 5 reproduce Zaremba et al.; "tokens": the mean per target, AWD-LSTM's.
         per = x.size(0) if self.hparams.loss_average == "streams" else y.numel()
@@ -416,9 +481,10 @@ class LanguageModel(L.LightningModule):
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], ppl: Perplexity, acc: MeanMetric) -> None:
         x, y = batch
         net = self.averaged.module if self.averaged is not None else self.net  # NT-ASGD: the average
-        logits, self.eval_state = net(x, self.eval_state)
-        ppl.update(self.summed_nll(logits, y), y.numel())
-        acc.update((logits.argmax(-1) == y).flatten())
+        out, self.eval_state = net.hidden(x, self.eval_state)
+        nll, correct = self.evaluation_scores(net, net.drop_output(out), y)
+        ppl.update(nll, y.numel())
+        acc.update(correct.flatten())
 
 
 def average_of(net: torch.nn.Module) -> AveragedModel:
