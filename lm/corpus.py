@@ -250,9 +250,24 @@ class Corpus:
     splits: dict[str, torch.Tensor]
     unknown: dict[str, int]
     eos: dict[str, int]
+    folder: Path  # the prepared files
 
     def unknown_counts(self) -> dict[str, int]:
         return dict(self.unknown)
+
+    def __reduce__(self):
+        # A process that receives the corpus (ddp_spawn pickles the datamodule) maps the files
+        # itself: torch cannot send a file-mapped storage to another process.
+        return _reopen, (self.folder, self.vocab.tokenizer)
+
+
+def _reopen(folder: Path, tokenizer: Tokenizer) -> Corpus:
+    corpus = _open(folder, tokenizer)
+    if corpus is None:
+        raise UserError(
+            f"The prepared corpus {folder} was damaged while this run used it; start the run again."
+        )
+    return corpus
 
 
 def load_corpus(
@@ -474,6 +489,7 @@ def _open(folder: Path, tokenizer: Tokenizer) -> Corpus | None:
         splits,
         {name: s["unknown"] for name, s in stats.items()},
         {name: s["eos"] for name, s in stats.items()},
+        folder,
     )
 
 

@@ -154,6 +154,11 @@ class TextDataModule(L.LightningDataModule):
         self.vary_num_steps, self.seed = vary_num_steps, seed
         self.streams: dict[str, torch.Tensor] = {}
 
+    def __getstate__(self) -> dict:
+        # Sent to other processes (ddp_spawn) without the streams, views of memory-mapped ids that
+        # torch cannot send: each process's `setup` cuts its own from the corpus, which maps anew.
+        return {**self.__dict__, "streams": {}}
+
     def files(self) -> dict[str, Path]:
         """The split files: `<data.dir>/<split>.txt`."""
         if not self.dir.is_dir():

@@ -2,7 +2,9 @@
 
 import errno
 import os
+import pickle
 import re
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import pytest
@@ -192,3 +194,12 @@ def test_a_full_disk_while_caching_is_one_error_and_leaves_no_file(tmp_path, mon
     with pytest.raises(UserError, match=re.escape(message)):
         load_corpus(ptb_files(folder), tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []  # neither the half-written folder nor a record
+
+
+def test_a_corpus_sent_to_another_process_maps_its_files_again(tmp_path):
+    # ddp_spawn pickles the datamodule with torch's pickler, which cannot send a file-mapped storage.
+    folder = write_corpus(tmp_path, {"train": ["a b c"] * 10, "valid": ["a"], "test": ["b"]})
+    sent = load_corpus(ptb_files(folder), tmp_path / "cache")
+    received = pickle.loads(ForkingPickler.dumps(sent))
+    assert received.vocab == sent.vocab and torch.equal(received.splits["train"], sent.splits["train"])
+    assert received.splits["train"].data_ptr() != sent.splits["train"].data_ptr()  # a mapping of its own

@@ -137,7 +137,11 @@ def test_a_diverging_run_stops_at_the_first_bad_step_and_keeps_the_last_good_che
         ("model.hidden_size=0", "model.hidden_size=0 is not allowed: it must be an integer, 1 or more."),
         ("model.lr=-1", "model.lr=-1 is not allowed: it must be a number, 0 or more."),
         ("model.num_layers=two", "model.num_layers='two' is not allowed: it must be an integer, 1 or more."),
-        ("model=huge", "Available options in 'model':\n\tawd\n\tawd_cpu\n\tlarge\n\tmedium\n\tsmall"),
+        (
+            "model=huge",
+            "Available options in 'model':\n\tawd\n\tawd_cpu\n\tawd_wt2\n\tlarge\n\tlstm_wt103\n\tmedium"
+            "\n\tsmall",
+        ),
         ("model.weight_drop=0.5x", "model.weight_drop='0.5x' is not allowed: it must be a number in [0, 1)."),
         ("model.hiden_size=3", "Could not override 'model.hiden_size'"),
         (
