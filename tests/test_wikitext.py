@@ -1,6 +1,7 @@
 """WikiText is found, or downloaded, extracted and verified; nothing the user had is overwritten."""
 
 import dataclasses
+import json
 import logging
 import random
 import socket
@@ -13,9 +14,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from lm.corpus import Tokenizer, read_tokens
 from lm.errors import UserError
+from lm.trainer import trainer_arguments
 from lm.wikitext import (
     DATASETS,
     check_published_counts,
@@ -23,7 +26,7 @@ from lm.wikitext import (
     ensure_wikitext,
     wikitext_files,
 )
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_train
 
 SPLITS = ("train", "valid", "test")
 NAMES = ["wiki.test.tokens", "wiki.train.tokens", "wiki.valid.tokens"]
@@ -392,3 +395,51 @@ def test_the_configs_compose(monkeypatch):
             1,
             None,
         )
+
+
+@pytest.mark.parametrize(
+    ("data", "preset", "expected"),
+    [
+        # batch, window, layers, hidden, embedding, hidden dropout, input dropout, epochs, clip, seed
+        ("wikitext2", "awd_wt2", (80, 70, 3, 1150, 400, 0.2, 0.65, 750, 0.25, 1882)),
+        ("wikitext103", "lstm_wt103", (20, 30, 1, 1024, None, 0.0, 0.0, 6, 5, 1)),
+    ],
+)
+def test_the_wikitext_presets_compose_with_a_gpu(data, preset, expected, monkeypatch):
+    cfg = compose_config(f"data={data}", f"model={preset}", "trainer.gpus=1")
+    model = cfg.model
+    found = (cfg.data.batch_size, cfg.data.num_steps, model.num_layers, model.hidden_size)
+    found += (model.embedding_size, model.hidden_dropout, model.input_dropout)
+    assert found + (cfg.trainer.max_epochs, cfg.trainer.gradient_clip_val, cfg.seed) == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert trainer_arguments(cfg.trainer)["accelerator"] == "gpu"
+
+
+def many_types(count: int) -> str:
+    """One line of `count` distinct words: a vocabulary above the WikiText-103 preset's cutoffs."""
+    return " " + " ".join(f"w{i}" for i in range(count)) + " \n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("data", "preset"), [("wikitext2", "awd_wt2"), ("wikitext103", "lstm_wt103")])
+def test_the_wikitext_presets_start_on_a_corpus_of_that_layout(data, preset, tmp_path):
+    # The full-size networks, one training step, one validation and one test window, on the CPU.
+    folder = tmp_path / data
+    write_wikitext(folder)
+    train = folder / "wiki.train.tokens"
+    train.write_text(train.read_text() * 4 + (many_types(70_000) if data == "wikitext103" else ""))
+    result = run_train(
+        f"data={data}",
+        f"model={preset}",
+        f"data.dir={folder}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer.max_steps=1",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.enable_progress_bar=false",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["test_ppl"] > 1
+    assert "not the published" in result.stdout  # a synthetic corpus is not WikiText: the log says so
