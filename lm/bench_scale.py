@@ -119,11 +119,12 @@ def prepare_phase(corpus: Path, cache: Path) -> dict:
 
 
 def train_phase(corpus: Path, cache: Path, hidden_size: int, cutoffs: list[int], steps: int) -> dict:
-    """Train tokens/s of the full and the adaptive softmax, each timed over `steps` windows after
-    one untimed, the two alternating twice."""
+    """Train tokens/s of the full and the adaptive softmax with `lm.bench`'s plain loop, each
+    timed over `steps` windows after one untimed, the two alternating twice."""
     import torch
 
     from lm.allocator import keep_freed_memory
+    from lm.bench import PlainLoop
     from lm.data import TextDataModule
     from lm.module import LanguageModel
 
@@ -131,37 +132,21 @@ def train_phase(corpus: Path, cache: Path, hidden_size: int, cutoffs: list[int],
     torch.manual_seed(0)
     datamodule = TextDataModule(str(corpus), str(cache), batch_size=20, num_steps=35)
     datamodule.setup("fit")
-    windows = iter(datamodule.train_dataloader())
-    common = {
-        "vocab_size": datamodule.vocab_size,
-        "hidden_size": hidden_size,
-        "num_layers": 2,
-        "dropout": 0.0,
-    }
+    common = {"vocab_size": datamodule.vocab_size, "hidden_size": hidden_size, "num_layers": 2}
     models = {
-        "full": LanguageModel(**common, init_scale=0.1),
-        "adaptive": LanguageModel(**common, init_scale=0.1, softmax="adaptive", cutoffs=cutoffs),
+        "full": LanguageModel(**common, dropout=0.0, init_scale=0.1),
+        "adaptive": LanguageModel(**common, dropout=0.0, init_scale=0.1, softmax="adaptive", cutoffs=cutoffs),
     }
+    loops = {name: PlainLoop(model, clip=5.0, device=torch.device("cpu")) for name, model in models.items()}
     seconds = dict.fromkeys(models, 0.0)
     for round_ in range(3):
-        for name, model in models.items():
-            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-            state, started = None, time.perf_counter()
-            for _ in range(steps if round_ else 1):
-                x, y = next(windows)
-                out, state = model.net.hidden(x, state)
-                log_probs = model.net.target_log_probs(model.net.drop_output(out), y)
-                state = [(h.detach(), c.detach()) for h, c in state]
-                loss = -log_probs.sum() / x.size(0)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        for name, loop in loops.items():
+            rate = loop.tokens_per_sec(datamodule.train_dataloader(), steps if round_ else 1)
             if round_:
-                seconds[name] += time.perf_counter() - started
+                seconds[name] += steps * 20 * 35 / rate
     tokens = 2 * steps * 20 * 35
-    rates = {f"{name}_train_tokens_per_sec": tokens / s for name, s in seconds.items()}
     return {
-        **rates,
+        **{f"{name}_train_tokens_per_sec": tokens / s for name, s in seconds.items()},
         "adaptive_over_full": seconds["full"] / seconds["adaptive"],
         "peak_rss_mib": peak_rss_mib(),
     }

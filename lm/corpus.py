@@ -252,9 +252,6 @@ class Corpus:
     eos: dict[str, int]
     folder: Path  # the prepared files
 
-    def unknown_counts(self) -> dict[str, int]:
-        return dict(self.unknown)
-
     def __reduce__(self):
         # A process that receives the corpus (ddp_spawn pickles the datamodule) maps the files
         # itself: torch cannot send a file-mapped storage to another process.

@@ -175,7 +175,7 @@ class TextDataModule(L.LightningDataModule):
     def corpus(self) -> Corpus:
         files = self.files()
         corpus = load_corpus(files, self.cache_dir, self.tokenizer, self.min_count, self.max_vocab)
-        unknown = corpus.unknown_counts()
+        unknown = corpus.unknown
         for name, ids in corpus.splits.items():
             if len(ids) == 0:
                 raise UserError(f"The {name} split in {self.dir} (data.dir) holds no tokens.")

@@ -43,3 +43,17 @@ def test_the_benchmark_writes_its_table(tiny_corpus, tmp_path):
     )
     assert len(bench["matmul_gflops_probes"]) == 3  # before the rounds and after each of the two
     assert "lightning_over_plain" in result.stdout
+
+
+def test_the_scale_benchmark_measures_every_phase(tmp_path):
+    # A corpus of WikiText-103's shape in miniature: every phase runs and reports its figures.
+    command = [sys.executable, "-m", "lm.bench_scale", "--work", str(tmp_path), "--train-tokens", "30000"]
+    command += ["--types", "400", "--cutoffs", "50", "200", "--hidden-size", "16", "--steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    bench = json.loads((tmp_path / "bench_scale.json").read_text())
+    assert bench["prepare"]["train_tokens"] == 30_000 and bench["prepare"]["types"] <= 400
+    assert bench["cached_start"]["types"] == bench["prepare"]["types"]
+    assert bench["train"]["adaptive_over_full"] > 0 and bench["train"]["full_train_tokens_per_sec"] > 0
+    assert json.loads((tmp_path / "train_py_warm" / "metrics.json").read_text())["status"] == "completed"

@@ -41,7 +41,7 @@ def test_lines_end_with_eos_and_unseen_words_become_unk(tmp_path):
     text = load_corpus(ptb_files(folder), tmp_path / "cache")
     assert text.vocab.decode(text.splits["train"]) == ["x", "y", EOS, "y", EOS]
     assert text.vocab.decode(text.splits["valid"]) == ["y", UNK, EOS]
-    assert text.unknown_counts() == {"train": 0, "valid": 1, "test": 0}
+    assert text.unknown == {"train": 0, "valid": 1, "test": 0}
 
 
 def forbid(monkeypatch, name: str, what: str) -> None:
