@@ -2,10 +2,12 @@
 
     python -m lm.bench                        # small preset: each path trains one full epoch
     python -m lm.bench model=medium trainer.gpus=1 bench.train_steps=400
+    python -m lm.bench -m model=small,medium,large trainer.precision=32-true,bf16-mixed   # one process
 
 Prints a table and writes bench.json into the run folder. Every figure comes from this one
 process, after a warm-up; the two training paths alternate in `bench.rounds` stretches, so a
-shared machine's drifts hit both alike and their ratio is fair.
+shared machine's drifts hit both alike and their ratio is fair. The plain loop runs in the
+trainer's precision (autocast for the `-mixed` ones), and the matmul yardstick in its dtype.
 """
 
 import json
@@ -18,6 +20,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,9 +41,15 @@ def flops_per_token(vocab_size: int, hidden_size: int, num_layers: int) -> int:
     return 3 * forward
 
 
-def matmul_gflops(size: int, device: torch.device, seconds: float = 3.0) -> float:
-    """The machine's attainable fp32 matrix-multiply rate, the yardstick for the model's."""
-    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+# Lightning's mixed precisions and the dtype their autocast computes in; the others compute in float32.
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def matmul_gflops(
+    size: int, device: torch.device, seconds: float = 3.0, dtype: torch.dtype = torch.float32
+) -> float:
+    """The machine's attainable matrix-multiply rate in `dtype`, the yardstick for the model's."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -52,12 +61,17 @@ def matmul_gflops(size: int, device: torch.device, seconds: float = 3.0) -> floa
 
 
 class PlainLoop:
-    """The obvious hand-written loop: same network class, windows, loss scale, clipping and SGD."""
+    """The obvious hand-written loop: same network class, windows, loss scale, clipping and SGD;
+    under autocast for a `-mixed` precision, as Lightning's (bf16 needs no loss scaling; float16's
+    scaler is left out, which only makes this loop faster)."""
 
-    def __init__(self, model: L.LightningModule, clip: float, device: torch.device):
+    def __init__(
+        self, model: L.LightningModule, clip: float, device: torch.device, precision: str | None = None
+    ):
         self.net = model.net.to(device).train()
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=model.hparams.lr)
         self.clip, self.device = clip, device
+        self.autocast_dtype = AUTOCAST_DTYPES.get(str(precision))  # None: float32, autocast off
 
     def tokens_per_sec(self, loader, steps: int) -> float:
         """Train on the first `steps` windows of an epoch, from a zero state, and time it."""
@@ -65,9 +79,11 @@ class PlainLoop:
         started = time.perf_counter()
         for _ in range(steps):
             x, y = (t.to(self.device, non_blocking=True) for t in next(windows))
-            out, state = self.net.hidden(x, state)
+            with torch.autocast(self.device.type, self.autocast_dtype, self.autocast_dtype is not None):
+                out, state = self.net.hidden(x, state)
+                log_probs = self.net.target_log_probs(self.net.drop_output(out), y)  # any softmax
+                loss = -log_probs.sum() / x.size(0)
             state = map_state(torch.Tensor.detach, state)
-            loss = -self.net.target_log_probs(self.net.drop_output(out), y).sum() / x.size(0)  # any softmax
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip)
@@ -77,12 +93,21 @@ class PlainLoop:
         return steps * x.numel() / (time.perf_counter() - started)
 
 
+class WaitForTheGPU(L.Callback):
+    """Waits for the GPU's queued work at the epoch's end, before TokensPerSecond (next in the
+    list) stops its clock; otherwise the last steps' kernels would run after it stopped."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+
 def lightning_tokens_per_sec(
     cfg: DictConfig, model: L.LightningModule, datamodule, steps: int
 ) -> tuple[float, torch.device]:
     """The project's real path: Trainer, LightningModule, logger and progress bar as train.py has them."""
     throughput = TokensPerSecond()
-    callbacks = [throughput, instantiate(cfg.callbacks.progress_bar)]
+    callbacks = [WaitForTheGPU(), throughput, instantiate(cfg.callbacks.progress_bar)]
     overrides = {
         "max_epochs": 1,
         "limit_train_batches": steps,
@@ -114,7 +139,28 @@ def timed_evaluation(trainer_cfg: DictConfig, model, datamodule) -> dict[str, fl
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> dict:
+    """In a sweep (-m), a job that fails writes its error to its bench.json and the sweep goes on,
+    as train.py's runs do: one preset that fails must not cost the others' figures."""
+    precision = str(cfg.trainer.precision or "32-true")  # Lightning's default
+    job = {"model": HydraConfig.get().runtime.choices.model, "precision": precision}
+    try:
+        results = {**job, **bench(cfg)}
+    except Exception as error:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        log.exception("This benchmark failed; the sweep goes on.")
+        results = {**job, "error": f"{type(error).__name__}: {error}"}
+    out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    log.info("wrote %s", out)
+    return results
+
+
+def bench(cfg: DictConfig) -> dict:
+    """Every figure of bench.json, printed as a table."""
     keep_freed_memory()  # as train.py does
+    if torch.cuda.is_available():  # a sweep's earlier jobs ran in this process
+        torch.cuda.reset_peak_memory_stats()
     L.seed_everything(cfg.seed)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
@@ -125,7 +171,10 @@ def main(cfg: DictConfig) -> dict:
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
     _, device = lightning_tokens_per_sec(cfg, model, datamodule, warmup)
     plain = PlainLoop(
-        instantiate(cfg.model, vocab_size=datamodule.vocab_size), cfg.trainer.gradient_clip_val, device
+        instantiate(cfg.model, vocab_size=datamodule.vocab_size),
+        cfg.trainer.gradient_clip_val,
+        device,
+        cfg.trainer.precision,
     )
     plain.tokens_per_sec(datamodule.train_dataloader(), warmup)
 
@@ -133,11 +182,16 @@ def main(cfg: DictConfig) -> dict:
     # reference is probed between the stretches too, so it sees the same drifts.
     lightning_seconds = plain_seconds = 0.0
     tokens = steps * datamodule.streams["train"].size(0) * datamodule.num_steps
-    probes = [matmul_gflops(cfg.bench.matmul_size, device)]
+    matmul_dtype = plain.autocast_dtype or torch.float32
+
+    def probe_matmul() -> float:
+        return matmul_gflops(cfg.bench.matmul_size, device, cfg.bench.matmul_seconds, matmul_dtype)
+
+    probes = [probe_matmul()]
     for _ in range(rounds):
         lightning_seconds += tokens / lightning_tokens_per_sec(cfg, model, datamodule, steps)[0]
         plain_seconds += tokens / plain.tokens_per_sec(datamodule.train_dataloader(), steps)
-        probes.append(matmul_gflops(cfg.bench.matmul_size, device))
+        probes.append(probe_matmul())
     lightning, baseline = rounds * tokens / lightning_seconds, rounds * tokens / plain_seconds
 
     # Counted for the full softmax only: the adaptive one's cost per token depends on the targets.
@@ -156,19 +210,21 @@ def main(cfg: DictConfig) -> dict:
         "lightning_over_plain": lightning / baseline,
         "train_flops_per_token": flops,
         "lightning_train_gflops": lightning * flops / 1e9,
+        "matmul_dtype": str(matmul_dtype).removeprefix("torch."),
         "matmul_gflops": peak,  # the mean of the probes
         "matmul_gflops_probes": [round(probe, 1) for probe in probes],
         "lightning_fraction_of_matmul": lightning * flops / 1e9 / peak,
         "plain_loop_fraction_of_matmul": baseline * flops / 1e9 / peak,
         **timed_evaluation(cfg.trainer, model, datamodule),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # Both paths' models are on the device, each with its gradients: the peak of all of it.
+        "gpu_peak_memory_mib": (
+            torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        ),
     }
     width = max(map(len, results))
     for key, value in results.items():
         print(f"{key:<{width}}  {value:,.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-    out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    log.info("wrote %s", out)
     return results
 
 

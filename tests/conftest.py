@@ -68,10 +68,11 @@ def ptb_dir() -> Path:
     return path
 
 
-def quiet_trainer(**kwargs) -> L.Trainer:
-    """An in-process CPU Trainer that writes nothing and prints little."""
+def quiet_trainer(accelerator: str = "cpu", **kwargs) -> L.Trainer:
+    """An in-process Trainer, on the CPU unless asked (tests/test_gpu.py), that writes nothing and
+    prints little."""
     return L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         logger=False,
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in kwargs.get("callbacks", [])),
@@ -95,24 +96,21 @@ TINY_RUN = [
 
 
 def run_train(
-    *overrides: str, cwd: Path = PROJECT_ROOT, env: dict | None = None
+    *overrides: str, cwd: Path = PROJECT_ROOT, env: dict | None = None, gpu: bool = False
 ) -> subprocess.CompletedProcess:
     """`python train.py` as a user runs it, in a subprocess; its log is in `.stdout`."""
-    return run_script("train.py", *overrides, cwd=cwd, env=env)
+    return run_script("train.py", *overrides, cwd=cwd, env=env, gpu=gpu)
 
 
 def run_script(
-    script: str, *overrides: str, cwd: Path = PROJECT_ROOT, env: dict | None = None
+    script: str, *overrides: str, cwd: Path = PROJECT_ROOT, env: dict | None = None, gpu: bool = False
 ) -> subprocess.CompletedProcess:
-    """`python <script>` (train.py, evaluate.py, ...) in a subprocess, on the CPU as in CI; `env`
-    replaces the environment."""
+    """`python <script>` (train.py, evaluate.py, ...) in a subprocess, on the CPU as in CI unless
+    `gpu` (tests/test_gpu.py); `env` replaces the environment."""
     # CPU only, as CI: the same numbers on any machine, and the no-GPU error path is real.
-    env = {
-        **(env or os.environ),
-        "PYTHONWARNINGS": "ignore",
-        "OMP_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
+    env = {**(env or os.environ), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run(
         [sys.executable, str(PROJECT_ROOT / script), *overrides],
         cwd=cwd,

@@ -36,8 +36,14 @@ def test_the_default_is_the_small_preset():
 
 
 def test_every_trainer_argument_can_be_overridden():
+    # conf/trainer/default.yaml mirrors Lightning 2.6's Trainer. Each of its keys must be an argument
+    # of the installed Trainer, or every run fails; an argument that a later 2.x adds is left out
+    # until the YAML lists it (+trainer.<name>=value sets it meanwhile), so only 2.6 needs them all.
     arguments = set(inspect.signature(L.Trainer).parameters) - {"logger", "callbacks"}
-    assert set(compose_config().trainer) == arguments | {"gpus"}
+    mirrored = set(compose_config().trainer) - {"gpus"}
+    assert mirrored <= arguments, mirrored - arguments
+    if L.__version__.split(".")[:2] == ["2", "6"]:
+        assert mirrored == arguments, arguments - mirrored
     assert compose_config("trainer.max_steps=7").trainer.max_steps == 7
 
 

@@ -1,0 +1,89 @@
+"""scripts/gpu-check: its dry mode runs every stage on the CPU at tiny sizes, so that the script
+cannot fail on a typo when a GPU is lent; a stage that fails or overruns is recorded and the
+next one runs."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from importlib.machinery import SourceFileLoader
+
+import pytest
+
+from lm import PROJECT_ROOT
+
+SCRIPT = PROJECT_ROOT / "scripts" / "gpu-check"
+
+
+@pytest.fixture
+def gpu_check():
+    """The script as a module (its file has no .py)."""
+    loader = SourceFileLoader("gpu_check", str(SCRIPT))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("gpu_check", loader))
+    loader.exec_module(module)
+    return module
+
+
+def test_the_dry_mode_runs_every_stage_and_leaves_what_the_device_tool_brings_back(gpu_check, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry", str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    log = (out / "gpu-check.log").read_text() if (out / "gpu-check.log").exists() else ""
+    assert result.returncode == 0, result.stdout + result.stderr + log
+    report = (out / "gpu-check.md").read_text()
+    for stage in ("environment", "GPU tests", "benchmark", "model=medium"):
+        assert f"| {stage} | passed |" in report
+    assert "| GPU tests | passed | " in report and " 0 failed, 16 skipped; exit status 0 |" in report
+    bench = json.loads((out / "bench.json").read_text())
+    jobs = [(preset, precision) for preset in gpu_check.PRESETS for precision in gpu_check.PRECISIONS]
+    assert [(job["model"], job["precision"]) for job in bench] == jobs
+    assert all(job["lightning_train_tokens_per_sec"] > 0 and job["test_batch1_seconds"] > 0 for job in bench)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and 1 <= metrics["epochs"] < 39  # stopped by trainer.max_time
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # fit and test
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert len(files) <= 8 and all(path.stat().st_size < 16 * 2**20 for path in files)  # the tool's limits
+
+
+def test_a_stage_that_fails_overruns_or_raises_is_recorded_and_the_next_one_runs(gpu_check, tmp_path):
+    check = gpu_check.Check(tmp_path, tmp_path, 60, dry=True, title="a test", env=dict(os.environ))
+    python = [sys.executable, "-c"]
+    hang = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])"
+    started = time.monotonic()
+    check.stage(
+        "exits 3",
+        lambda check: ("failed", gpu_check.outcome(check.run([*python, "raise SystemExit(3)"], 30))),
+    )
+    check.stage("hangs", lambda check: ("failed", gpu_check.outcome(check.run([*python, hang], 1))))
+    check.stage("raises", lambda check: 1 / 0)
+    check.stage("passes", lambda check: ("passed", "fine"))
+    assert time.monotonic() - started < 20  # the one that hung was killed, with the process it started
+    assert [(stage["name"], stage["status"], stage["note"]) for stage in check.stages] == [
+        ("exits 3", "failed", "exit status 3"),
+        ("hangs", "failed", "killed: out of time"),
+        ("raises", "failed", "ZeroDivisionError: division by zero"),
+        ("passes", "passed", "fine"),
+    ]
+    assert check.failed
+    assert "| raises | failed |" in (tmp_path / "gpu-check.md").read_text()  # rewritten after each stage
+
+
+def test_the_large_mode_trains_model_large_alone(gpu_check, tmp_path, monkeypatch):
+    commands = []
+
+    def run(check, command, seconds, stdout=None):  # nothing runs; the probe finds no GPU
+        commands.append(command)
+        if stdout:
+            stdout.write_text(json.dumps({"gpu": None}))
+        return 0
+
+    monkeypatch.setattr(gpu_check.Check, "run", run)
+    assert gpu_check.main(["--large", "--dry", str(tmp_path)]) == 1  # no train.py ran: no metrics.json
+    trained = [command for command in commands if "train.py" in command]
+    assert len(trained) == 1 and {"model=large", "trainer.max_time=00:00:00:03"} <= set(trained[0])
+    assert not any("pytest" in command or "lm.bench" in command for command in commands)
+    assert "| model=large | failed | " in (tmp_path / "gpu-check.md").read_text()
