@@ -94,7 +94,7 @@ def test_ptb_perplexities_are_pinned(ptb_dir, tmp_path):
         "model=small",
         "model.hidden_size=32",
         "trainer.max_epochs=1",
-        "trainer.limit_train_batches=200",
+        "trainer.limit_train_batches=20",
         "trainer.limit_val_batches=20",
         "trainer.enable_progress_bar=false",
         f"data.dir={ptb_dir}",
@@ -103,4 +103,8 @@ def test_ptb_perplexities_are_pinned(ptb_dir, tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert (metrics["val_ppl"], metrics["test_ppl"]) == (743.2386428687307, 746.0846701303592)
+    # CPUs round differently (AVX-512, AVX2 and scalar kernels), and SGD at lr 1 amplifies it: 200
+    # steps gave 821, 718 and 707 on one machine's three ATen kernel levels (ATEN_CPU_CAPABILITY).
+    # After 20 steps they agree within 1e-5, so any change to the pipeline still shows at 1e-4.
+    expected = (1553.4701135036337, 1508.9309608095318)
+    assert (metrics["val_ppl"], metrics["test_ppl"]) == pytest.approx(expected, rel=1e-4)
