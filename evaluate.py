@@ -6,11 +6,13 @@
     python evaluate.py ckpt_path=... file=news.txt                                    # any text file
     python evaluate.py ckpt_path=... dynamic_eval.method=sgd dynamic_eval.lr=... dynamic_eval.decay=...
     python evaluate.py ckpt_path=... cache.window=... cache.lambda=... cache.theta=...
+    python evaluate.py -m ckpt_path=... split=valid cache.window=500 cache.lambda=0.05,0.1 cache.theta=0.3
+    python -m lm.report outputs/evaluate/multirun/<date>/<time>                     # the sweep, best first
 
-One stream, batch 1, the state carried over the whole text: every target scored once. Test-time
-adaptation, off by default: dynamic evaluation (lm/dynamic_eval.py) or the continuous cache
-(lm/cache.py), each scoring a target before anything learns from it. Prints the result and writes
-it, with the adaptation's options, to <run dir>/evaluation.json.
+One stream, batch 1, the state carried over the whole text: every target scored once
+(lm/scoring.py). Test-time adaptation, off by default: dynamic evaluation (lm/dynamic_eval.py),
+the continuous cache (lm/cache.py), or both, each scoring a target before anything learns from it.
+Prints the result and writes it, with the adaptation's options, to <run dir>/evaluation.json.
 """
 
 import json
@@ -31,8 +33,7 @@ from lm.corpus import Vocabulary, read_text
 from lm.data import TextDataModule
 from lm.errors import UserError, exit_on_user_error
 from lm.module import LanguageModel
-from lm.scoring import stream_loader, text_ids
-from lm.trainer import build_trainer
+from lm.scoring import score_stream, text_ids
 
 log = logging.getLogger("evaluate")
 
@@ -51,13 +52,12 @@ def matching_datamodule(cfg: DictConfig, vocabulary: Vocabulary) -> TextDataModu
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    dynamic, cached = cfg.dynamic_eval, cfg.cache
-    dynamic_eval.check_options(**dynamic)
-    cache.check_options(**cached)
-    if dynamic.method and cached.window:
+    dynamic_options, cache_options = cfg.dynamic_eval, cfg.cache
+    dynamic_eval.check_options(**dynamic_options)
+    cache.check_options(**cache_options)
+    if not (isinstance(cfg.chunk_length, int) and cfg.chunk_length >= 1):
         raise UserError(
-            f"dynamic_eval.method={dynamic.method} and cache.window={cached.window} are both set; "
-            "they are not combined: turn one off (dynamic_eval.method=null or cache.window=null)."
+            f"chunk_length={cfg.chunk_length!r} is not allowed: it must be an integer, 1 or more."
         )
     device = evaluation_device(cfg)
     model = load_model(cfg.ckpt_path, device)
@@ -83,29 +83,34 @@ def evaluate(cfg: DictConfig) -> dict:
     if len(ids) < 2:
         what = f"file={cfg.file}" if cfg.file else f"The {cfg.split} split"
         raise UserError(f"{what} holds no token to score.")
-    start = time.perf_counter()
-    if dynamic.method or cached.window:
-        ppl, acc = adapted(cfg, model, ids, datamodule, device)
-    else:
-        overrides = {"enable_checkpointing": False, "enable_progress_bar": False, **lightning_device(device)}
-        trainer = build_trainer(OmegaConf.merge(cfg.trainer, overrides), logger=False)
-        (result,) = trainer.test(model, dataloaders=stream_loader(ids, cfg.num_steps), verbose=False)
-        ppl, acc = result["test/ppl"], result["test/acc"]
-    dynamic_options = None
-    if dynamic.method:  # the options the method used
-        dynamic_options = OmegaConf.to_container(dynamic)
-        if dynamic.method == "sgd":
-            dynamic_options = {k: v for k, v in dynamic_options.items() if k not in dynamic_eval.RMS_OPTIONS}
+    keep_freed_memory()  # dynamic evaluation frees megabytes of gradients every segment (lm/allocator.py)
+    net = model.net.to(device).eval()
+    started = time.perf_counter()
+    dynamic = dynamic_evaluation(cfg, net, model, datamodule, device) if dynamic_options.method else None
+    neural_cache = None
+    if cache_options.window:
+        neural_cache = cache.NeuralCache(
+            cache_options.window, cache_options["lambda"], cache_options.theta, net.output_size, device
+        )
+    scores = score_stream(net, ids, device, cfg.chunk_length, dynamic, neural_cache)
+    assert len(scores.log_probs) == len(ids) - 1  # every target scored once
+    used_dynamic_options = None
+    if dynamic_options.method:  # the options the method used
+        used_dynamic_options = OmegaConf.to_container(dynamic_options)
+        if dynamic_options.method == "sgd":
+            used_dynamic_options = {
+                k: v for k, v in used_dynamic_options.items() if k not in dynamic_eval.RMS_OPTIONS
+            }
     evaluation = {
         "ckpt_path": str(cfg.ckpt_path),
         **source,
-        "ppl": ppl,
-        "acc": acc,
+        "ppl": scores.perplexity(),
+        "acc": scores.accuracy(),
         "targets": len(ids) - 1,
         "unk_targets": int((ids[1:] == vocabulary.unk_id).sum()),
-        "dynamic_eval": dynamic_options,
-        "cache": OmegaConf.to_container(cached) if cached.window else None,
-        "wall_seconds": time.perf_counter() - start,
+        "dynamic_eval": used_dynamic_options,
+        "cache": OmegaConf.to_container(cache_options) if cache_options.window else None,
+        "wall_seconds": time.perf_counter() - started,
     }
     path = Path(HydraConfig.get().runtime.output_dir) / "evaluation.json"
     path.write_text(json.dumps(evaluation, indent=2) + "\n")
@@ -114,7 +119,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def evaluation_device(cfg: DictConfig) -> torch.device:
-    """The device of every pass, by the rule of generate.py and score.py (`device`, `auto`: the
+    """The device of the pass, by the rule of generate.py and score.py (`device`, `auto`: the
     GPU when there is one); `trainer.gpus=N`, Lightning 1.x's habit, means device=cuda."""
     name, gpus = cfg.device, cfg.trainer.gpus
     if gpus and not str(name).startswith("cuda"):
@@ -126,62 +131,27 @@ def evaluation_device(cfg: DictConfig) -> torch.device:
     return pick_device(name)
 
 
-def lightning_device(device: torch.device) -> dict:
-    """Trainer arguments for the plain pass on `device`: one process, as the batch-1 pass is one
-    stream (several GPUs would each score all of it)."""
-    if device.type == "cpu":
-        return {"accelerator": "cpu", "devices": 1, "gpus": None}
-    return {"accelerator": "gpu", "devices": [device.index or 0], "gpus": None}
-
-
-def adapted(
+def dynamic_evaluation(
     cfg: DictConfig,
+    net: torch.nn.Module,
     model: LanguageModel,
-    ids: torch.Tensor,
     datamodule: TextDataModule | None,
     device: torch.device,
-) -> tuple[float, float]:
-    """Perplexity and accuracy with dynamic evaluation or the cache.
-
-    A plain loop rather than Lightning's `trainer.test`: dynamic evaluation takes gradients and
-    changes the weights in the middle of evaluation, which the test loop (under inference mode)
-    does not allow; the cache, which reads the network's last-layer outputs rather than the
-    LightningModule's test step, runs in a loop of the same kind.
-    """
-    keep_freed_memory()  # dynamic evaluation frees megabytes of gradients every segment (lm/allocator.py)
-    net = model.net.to(device).eval()
-    dynamic, cached = cfg.dynamic_eval, cfg.cache
-    if cached.window:
-        log_probs, correct = cache.cache_log_probs(
-            net, ids, cached.window, cached["lambda"], cached.theta, cfg.num_steps, device
+) -> dynamic_eval.DynamicEvaluation:
+    """The weights' rule of `cfg.dynamic_eval`; `rms` first measures its statistics on the
+    training split of the model's corpus."""
+    options = cfg.dynamic_eval
+    mean_squares = None
+    if options.method == "rms":
+        train_ids = (datamodule or matching_datamodule(cfg, model.vocabulary)).corpus.splits["train"]
+        started = time.perf_counter()
+        mean_squares = dynamic_eval.gradient_mean_squares(
+            net, train_ids, options.stats_batches, options.stats_batch_size, options.stats_num_steps, device
         )
-    else:
-        mean_squares = None
-        if dynamic.method == "rms":
-            train_ids = (datamodule or matching_datamodule(cfg, model.vocabulary)).corpus.splits["train"]
-            started = time.perf_counter()
-            mean_squares = dynamic_eval.gradient_mean_squares(
-                net,
-                train_ids,
-                dynamic.stats_batches,
-                dynamic.stats_batch_size,
-                dynamic.stats_num_steps,
-                device,
-            )
-            log.info("mean squared gradients of the training data: %.1f s", time.perf_counter() - started)
-        log_probs, correct = dynamic_eval.dynamic_log_probs(
-            net,
-            ids,
-            dynamic.method,
-            dynamic.lr,
-            dynamic.decay,
-            dynamic.num_steps,
-            device,
-            mean_squares,
-            dynamic.eps,
-        )
-    assert len(log_probs) == len(ids) - 1  # every target scored once
-    return torch.exp(-log_probs.sum() / len(log_probs)).item(), correct.double().mean().item()
+        log.info("mean squared gradients of the training data: %.1f s", time.perf_counter() - started)
+    return dynamic_eval.DynamicEvaluation(
+        net, options.method, options.lr, options.decay, options.segment_length, mean_squares, options.eps
+    )
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

@@ -26,7 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lm.allocator import keep_freed_memory
 from lm.callbacks import TokensPerSecond
+from lm.dynamic_eval import DynamicEvaluation
 from lm.model import map_state
+from lm.scoring import score_stream
 from lm.trainer import build_trainer
 
 log = logging.getLogger("bench")
@@ -119,6 +121,31 @@ def lightning_tokens_per_sec(
     )
     trainer.fit(model, datamodule=datamodule)
     return throughput.tokens_per_sec, trainer.strategy.root_device
+
+
+def timed_dynamic_evaluation(model, datamodule, tokens: int | None, device: torch.device) -> dict[str, float]:
+    """The batch-1 pass over the test split's first `tokens` (all if None), plain and with dynamic
+    evaluation (`sgd`, evaluate.py's segments of 5), one after the other through lm/scoring.py, as
+    evaluate.py runs them; the plain pass is timed before and after, and the ratio is to the mean."""
+    ids = datamodule.streams["test"].flatten()[: None if tokens is None else tokens + 1]
+    net = model.net.to(device)
+
+    def seconds(dynamic: DynamicEvaluation | None) -> float:
+        started = time.perf_counter()
+        score_stream(net, ids, device, datamodule.test_num_steps, dynamic)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    plain = seconds(None)
+    dynamic = seconds(DynamicEvaluation(net, "sgd", lr=0.1, decay=0.0, segment_length=5))
+    plain = (plain + seconds(None)) / 2
+    return {
+        "test_tokens_scored": len(ids) - 1,
+        "plain_pass_seconds": plain,
+        "dynamic_eval_pass_seconds": dynamic,
+        "dynamic_eval_over_plain": dynamic / plain,
+    }
 
 
 def timed_evaluation(trainer_cfg: DictConfig, model, datamodule) -> dict[str, float]:
@@ -216,6 +243,7 @@ def bench(cfg: DictConfig) -> dict:
         "lightning_fraction_of_matmul": lightning * flops / 1e9 / peak,
         "plain_loop_fraction_of_matmul": baseline * flops / 1e9 / peak,
         **timed_evaluation(cfg.trainer, model, datamodule),
+        **timed_dynamic_evaluation(model, datamodule, cfg.bench.dynamic_eval_tokens, device),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         # Both paths' models are on the device, each with its gradients: the peak of all of it.
         "gpu_peak_memory_mib": (

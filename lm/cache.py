@@ -9,14 +9,12 @@ For target t, read after the last layer's output h_t,
 
 Position i enters the cache only once its target y_i has been scored (i < t), so no target is
 looked at before it is scored. The very first target has an empty cache and gets p_model alone.
+With dynamic evaluation as well (lm/dynamic_eval.py), p_model and h are the adapted network's.
 """
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from lm.errors import UserError, check_rules
-from lm.scoring import stream_loader
 
 
 def check_options(window, theta, **options) -> None:
@@ -44,40 +42,39 @@ def check_options(window, theta, **options) -> None:
     check_rules("cache", rules)
 
 
-@torch.no_grad()
-def cache_log_probs(
-    net: nn.Module,
-    ids: torch.Tensor,
-    window: int,
-    interpolation: float,
-    theta: float,
-    num_steps: int,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability (float64) of each target of `ids` read as one stream under the cache model,
-    and whether it was the likeliest token; `interpolation` is the paper's lambda. `num_steps`
-    only sets how many targets are computed at once."""
-    log_weights = torch.tensor([1 - interpolation, interpolation], dtype=torch.float64, device=device).log()
-    past_features = torch.empty(0, net.output_size, device=device, dtype=torch.float64)
-    past_targets = torch.empty(0, device=device, dtype=torch.long)
-    log_probs, correct, state = [], [], None
-    for x, y in stream_loader(ids, num_steps):
-        x, y = x.to(device), y[0].to(device)
-        features, state = net.hidden(x, state)
-        model_log_probs = F.log_softmax(net.logits(features)[0].double(), dim=-1)
-        queries = features[0].double()
-        keys, values = torch.cat([past_features, queries]), torch.cat([past_targets, y])
-        # Target j of this window (position past + j) sees the positions in [past + j - window, past + j).
-        past = len(past_targets)
-        position = torch.arange(len(keys), device=device)
-        now = past + torch.arange(len(y), device=device)[:, None]
-        visible = (position < now) & (position >= now - window)
-        scores = (theta * queries @ keys.T).masked_fill(~visible, float("-inf"))
+class NeuralCache:
+    """The memory of the stream read so far: `mix` gives a chunk's mixture distributions, then
+    adds the chunk's positions, each pointing at its target (lm/scoring.py's `score_stream` reads
+    the stream). `interpolation` is the paper's lambda."""
+
+    def __init__(self, window: int, interpolation: float, theta: float, size: int, device: torch.device):
+        self.window, self.theta = window, theta
+        weights = torch.tensor([1 - interpolation, interpolation], dtype=torch.float64, device=device)
+        self.log_weights = weights.log()
+        # The last `window` positions read: the last layer's output there, and the target after it.
+        self.features = torch.empty(0, size, device=device, dtype=torch.float64)
+        self.targets = torch.empty(0, device=device, dtype=torch.long)
+
+    @torch.no_grad()
+    def mix(
+        self, model_log_probs: torch.Tensor, features: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Log-probabilities (steps, vocabulary) under the cache model at a chunk's positions, from
+        the model's (float64) and the last layer's outputs there (steps, size)."""
+        queries = features.double()
+        keys, values = torch.cat([self.features, queries]), torch.cat([self.targets, targets])
+        # Target j of this chunk (position past + j) sees the positions in [past + j - window, past + j).
+        past = len(self.targets)
+        position = torch.arange(len(keys), device=keys.device)
+        now = past + torch.arange(len(targets), device=keys.device)[:, None]
+        visible = (position < now) & (position >= now - self.window)
+        scores = (self.theta * queries @ keys.T).masked_fill(~visible, float("-inf"))
         attention = torch.softmax(scores, dim=-1)  # NaN where nothing is visible: replaced below
-        cache_probs = torch.zeros_like(model_log_probs).scatter_add_(1, values.expand(len(y), -1), attention)
-        mixed = torch.logaddexp(model_log_probs + log_weights[0], cache_probs.log() + log_weights[1])
-        mixed = torch.where(visible.any(dim=1, keepdim=True), mixed, model_log_probs)
-        log_probs.append(mixed.gather(1, y[:, None])[:, 0])
-        correct.append(mixed.argmax(-1) == y)
-        past_features, past_targets = keys[-window:], values[-window:]
-    return torch.cat(log_probs), torch.cat(correct)
+        cache_probs = torch.zeros_like(model_log_probs).scatter_add_(
+            1, values.expand(len(targets), -1), attention
+        )
+        mixed = torch.logaddexp(
+            model_log_probs + self.log_weights[0], cache_probs.log() + self.log_weights[1]
+        )
+        self.features, self.targets = keys[-self.window :], values[-self.window :]
+        return torch.where(visible.any(dim=1, keepdim=True), mixed, model_log_probs)

@@ -52,15 +52,16 @@ def summed_nll(net: LSTMLanguageModel, features: torch.Tensor, y: torch.Tensor) 
 def evaluation_scores(
     net: LSTMLanguageModel, features: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL of targets y (batch, steps) and whether each was the likeliest token."""
+    """Summed NLL of targets y (batch, steps), added in float64, and whether each was the likeliest
+    token: the per-target values and sum of lm/scoring.py's `score_stream`, so that evaluate.py
+    gives train.py's test perplexity to the last digits."""
     log_probs, likeliest = net.evaluate_targets(features, y)
-    return negated_sum(log_probs), likeliest == y
+    return -log_probs.double().sum(), likeliest == y
 
 
 def negated_sum(log_probs: torch.Tensor) -> torch.Tensor:
     """-sum(log_probs), added up by nll_loss's own reduction: the one of F.cross_entropy(reduction=
-    "sum"), so a full softmax's sums keep every bit of the perplexities pinned in tests/test_ptb.py
-    (a plain `.sum()` adds in another order and differs in the last bits)."""
+    "sum"), so that a full softmax's training loss is PyTorch's usual one to the last bit."""
     flat = log_probs.reshape(-1, 1)
     return F.nll_loss(flat, flat.new_zeros(len(flat), dtype=torch.long), reduction="sum")
 

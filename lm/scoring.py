@@ -1,18 +1,33 @@
-"""Log-probabilities of text under a trained model, each target scored exactly once."""
+"""Log-probabilities of text under a trained model: the one loop of every batch-1 pass.
+
+A text is read as one stream (batch 1, the state carried), and each target is scored exactly
+once, before anything learns from it. evaluate.py (plain, dynamic evaluation, the cache, or both)
+and score.py run `score_stream`; the adaptations plug into it (lm/dynamic_eval.py, lm/cache.py).
+Lightning's test step, which train.py's final test runs, scores the same protocol in
+lm/module.py.
+"""
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
+from lm.cache import NeuralCache
 from lm.corpus import EOS, Vocabulary, text_tokens
-from lm.data import WindowDataset
-from lm.model import LSTMLanguageModel
+from lm.dynamic_eval import DynamicEvaluation
+from lm.model import LSTMLanguageModel, map_state
 
 
-def stream_loader(ids: torch.Tensor, num_steps: int) -> DataLoader:
-    """One stream (batch 1) in `num_steps` windows, the last one shorter: the test protocol."""
-    dataset = WindowDataset(ids.view(1, -1), num_steps, full_windows_only=False)
-    return DataLoader(dataset, batch_size=None, shuffle=False)
+def stream_pieces(ids: torch.Tensor, length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Inputs and targets (1, length) of one stream read in pieces of `length` tokens, the last one
+    shorter: the test protocol. Views of `ids`, without a DataLoader, whose work per piece (tens
+    of microseconds) would count in a loop of 5-token segments."""
+    ids = ids.long()
+    for start in range(0, len(ids) - 1, length):
+        piece = ids[start : start + length + 1]
+        yield piece[:-1].view(1, -1), piece[1:].view(1, -1)
 
 
 def text_ids(text: str, vocabulary: Vocabulary) -> tuple[torch.Tensor, list[str]]:
@@ -22,18 +37,71 @@ def text_ids(text: str, vocabulary: Vocabulary) -> tuple[torch.Tensor, list[str]
     return vocabulary.encode(tokens), vocabulary.unknown(tokens)
 
 
-@torch.no_grad()
+@dataclass
+class Scores:
+    """Every target's natural-log probability (float64) and whether it was the likeliest token."""
+
+    log_probs: torch.Tensor
+    likeliest: torch.Tensor
+
+    def perplexity(self) -> float:
+        return math.exp(-self.log_probs.sum().item() / len(self.log_probs))
+
+    def accuracy(self) -> float:
+        return self.likeliest.double().mean().item()
+
+
+def score_stream(
+    net: LSTMLanguageModel,
+    ids: torch.Tensor,
+    device: torch.device,
+    chunk_length: int = 200,
+    dynamic: DynamicEvaluation | None = None,
+    cache: NeuralCache | None = None,
+) -> Scores:
+    """The targets ids[1:] of `ids` read as one stream from a zero state, in evaluation mode.
+
+    `chunk_length` tokens are scored at once: it changes the speed, not the scores. With
+    `dynamic`, the stream goes in its segments instead, and the weights learn from each segment
+    after it is scored. With `cache`, each chunk's distributions are the model's mixed with the
+    cache, which then remembers the chunk; with both, the adapted model's are.
+    """
+    net.eval()
+    log_probs, likeliest, state = [], [], None
+    length = dynamic.segment_length if dynamic else chunk_length
+    with dynamic.adapting() if dynamic else torch.no_grad():
+        for x, y in stream_pieces(ids, length):
+            x, y = x.to(device), y.to(device)
+            features, state = net.hidden(x, state)
+            state = map_state(torch.Tensor.detach, state)
+            if cache is None:  # the targets' log-probabilities only (the adaptive softmax's clusters)
+                target_log_probs, best = net.evaluate_targets(features, y)
+                scored, correct = target_log_probs[0].detach().double(), best[0] == y[0]
+            else:  # the whole distribution, to mix with the cache's
+                logits = net.logits(features)
+                model_log_probs = F.log_softmax(logits[0].detach().double(), dim=-1)
+                mixed = cache.mix(model_log_probs, features[0].detach(), y[0])
+                scored, correct = mixed.gather(1, y[0, :, None])[:, 0], mixed.argmax(-1) == y[0]
+            log_probs.append(scored)
+            likeliest.append(correct)
+            if dynamic:  # only now, the segment scored, do the weights learn from it
+                mean_nll = -target_log_probs.mean() if cache is None else F.cross_entropy(logits[0], y[0])
+                dynamic.learn(mean_nll)
+    return Scores(torch.cat(log_probs), torch.cat(likeliest))
+
+
 def line_log_probs(
     net: LSTMLanguageModel, vocabulary: Vocabulary, lines: list[str], carry_state: bool, device: torch.device
 ) -> list[tuple[int, float]]:
     """(targets, natural-log probability) of each line: its tokens and its `<eos>`, read after an
-    `<eos>`. With `carry_state` the state flows from line to line, and the lines' sum is the
-    log-probability of the whole text as `text_ids` reads it."""
-    results, state = [], None
-    for line in lines:
-        ids = vocabulary.encode([EOS, *vocabulary.tokenizer.tokens(line), EOS]).to(device)
-        logits, next_state = net(ids[:-1].view(1, -1), state if carry_state else None)
-        log_probs = F.log_softmax(logits[0].float(), dim=-1).gather(1, ids[1:].view(-1, 1))
-        results.append((len(ids) - 1, log_probs.double().sum().item()))
-        state = next_state
-    return results
+    `<eos>`. With `carry_state` the lines are one stream and their sum is the log-probability of
+    the whole text as `text_ids` reads it; without, each line is a stream of its own."""
+    encoded = [vocabulary.encode([*vocabulary.tokenizer.tokens(line), EOS]) for line in lines]
+    eos = vocabulary.encode([EOS])
+    if carry_state:
+        scores = score_stream(net, torch.cat([eos, *encoded]), device).log_probs.split(
+            [len(e) for e in encoded]
+        )
+    else:
+        scores = [score_stream(net, torch.cat([eos, e]), device).log_probs for e in encoded]
+    return [(len(line_scores), line_scores.sum().item()) for line_scores in scores]

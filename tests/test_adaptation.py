@@ -1,7 +1,10 @@
 """Test-time adaptation in evaluate.py: dynamic evaluation and the continuous cache score every
 target exactly once, before anything has learnt from it, and reduce to plain evaluation when off."""
 
+import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,23 +16,29 @@ from omegaconf import open_dict
 
 from evaluate import evaluate
 from lm import PROJECT_ROOT
-from lm.cache import cache_log_probs
+from lm.cache import NeuralCache
 from lm.data import PTBDataModule
-from lm.dynamic_eval import dynamic_log_probs, gradient_mean_squares
+from lm.dynamic_eval import DynamicEvaluation, gradient_mean_squares
 from lm.errors import UserError
 from lm.model import LSTMLanguageModel
 from lm.module import LanguageModel
-from tests.conftest import quiet_trainer, write_tiny_corpus
+from lm.scoring import score_stream
+from tests.conftest import quiet_trainer, run_script, write_tiny_corpus
 
 CPU = torch.device("cpu")
 VOCAB = 12
 
 
-@pytest.fixture
-def net() -> LSTMLanguageModel:
+def network(tied: bool = False) -> LSTMLanguageModel:
     """A random network in float64, so that only real differences exceed 1e-12."""
     torch.manual_seed(0)
-    return LSTMLanguageModel(VOCAB, hidden_size=8, num_layers=2, dropout=0.0, init_scale=0.5).double().eval()
+    net = LSTMLanguageModel(VOCAB, hidden_size=8, num_layers=2, dropout=0.0, init_scale=0.5, tie_weights=tied)
+    return net.double().eval()
+
+
+@pytest.fixture
+def net() -> LSTMLanguageModel:
+    return network()
 
 
 def token_ids(count: int, seed: int) -> torch.Tensor:
@@ -45,64 +54,89 @@ def rms_statistics(net: LSTMLanguageModel) -> list[torch.Tensor]:
     return gradient_mean_squares(net, token_ids(400, 9), batches=6, batch_size=4, num_steps=5, device=CPU)
 
 
-def adapted(net: LSTMLanguageModel, ids: torch.Tensor, method: str, **options) -> torch.Tensor:
-    if method == "cache":
-        return cache_log_probs(net, ids, device=CPU, **options)[0]
-    mean_squares = rms_statistics(net) if method == "rms" else None
-    return dynamic_log_probs(net, ids, method, device=CPU, mean_squares=mean_squares, **options)[0]
+DYNAMIC = {
+    "sgd": {"method": "sgd", "lr": 0.5, "decay": 0.1, "segment_length": 5},
+    "rms": {"method": "rms", "lr": 0.01, "decay": 0.1, "segment_length": 5, "eps": 1e-3},
+}
+CACHE = {"window": 7, "interpolation": 0.3, "theta": 2.0}
+
+
+def adapted(
+    net: LSTMLanguageModel, ids: torch.Tensor, dynamic: dict | None, cache: dict | None
+) -> torch.Tensor:
+    """score_stream's log-probabilities with these options of DynamicEvaluation and NeuralCache."""
+    adaptation = None
+    if dynamic:
+        mean_squares = rms_statistics(net) if dynamic["method"] == "rms" else None
+        adaptation = DynamicEvaluation(net, **dynamic, mean_squares=mean_squares)
+    memory = NeuralCache(**cache, size=net.output_size, device=CPU) if cache else None
+    return score_stream(net, ids, CPU, chunk_length=10, dynamic=adaptation, cache=memory).log_probs
 
 
 METHODS = {
-    "sgd": {"lr": 0.5, "decay": 0.1, "num_steps": 5},
-    "rms": {"lr": 0.01, "decay": 0.1, "num_steps": 5, "eps": 1e-3},
-    "cache": {"window": 7, "interpolation": 0.3, "theta": 2.0, "num_steps": 10},
+    "sgd": (DYNAMIC["sgd"], None),
+    "rms": (DYNAMIC["rms"], None),
+    "cache": (None, CACHE),
+    "sgd_and_cache": (DYNAMIC["sgd"], CACHE),
+    "rms_and_cache": (DYNAMIC["rms"], CACHE),
 }
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_no_target_is_looked_at_before_it_is_scored_and_each_is_scored_once(net, method):
     ids = token_ids(101, 1)
-    scores = adapted(net, ids, method, **METHODS[method])
+    scores = adapted(net, ids, *METHODS[method])
     assert scores.shape == (len(ids) - 1,) and torch.isfinite(scores).all()
     assert not torch.allclose(scores, plain_log_probs(net, ids))  # it adapts
-    for k in (1, 5, 6, 23, 57, 100):  # segment and window edges, and the last token
+    for k in (1, 5, 6, 23, 57, 100):  # segment and chunk edges, and the last token
         changed = ids.clone()
         changed[k] = (ids[k] + 1) % VOCAB  # target k - 1, and the input of the targets after it
-        rescored = adapted(net, changed, method, **METHODS[method])
+        rescored = adapted(net, changed, *METHODS[method])
         assert torch.equal(rescored[: k - 1], scores[: k - 1])  # bit for bit
         assert rescored[k - 1] != scores[k - 1]
         if k < 90:  # and what it learnt from token k shows further on
             assert not torch.equal(rescored[k + 10 :], scores[k + 10 :])
 
 
+def test_the_plain_pass_is_the_networks_log_probabilities_whatever_the_chunk(net):
+    ids = token_ids(101, 6)
+    for chunk_length in (1, 7, 200):
+        scores = score_stream(net, ids, CPU, chunk_length)
+        torch.testing.assert_close(scores.log_probs, plain_log_probs(net, ids), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", ["sgd", "rms"])
 def test_dynamic_evaluation_with_lr_0_is_plain_evaluation_and_leaves_the_weights(net, method):
     ids = token_ids(101, 2)
     weights = [p.clone() for p in net.parameters()]
-    options = {**METHODS[method], "lr": 0.0}
+    options = {**DYNAMIC[method], "lr": 0.0}
     torch.testing.assert_close(
-        adapted(net, ids, method, **options), plain_log_probs(net, ids), rtol=0, atol=1e-12
+        adapted(net, ids, options, None), plain_log_probs(net, ids), rtol=0, atol=1e-12
     )
-    adapted(net, ids, method, **METHODS[method])  # a real pass, then the trained weights are back
+    adapted(net, ids, DYNAMIC[method], None)  # a real pass, then the trained weights are back
     assert all(torch.equal(p, w) for p, w in zip(net.parameters(), weights, strict=True))
+    assert not net.embedding.sparse  # as trained: a sparse gradient only while adapting
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("decay", [0.0, 0.1])
 @pytest.mark.parametrize("method", ["sgd", "rms"])
-def test_each_segment_is_scored_with_the_weights_the_earlier_segments_gave(net, method):
-    """The rules of lm/dynamic_eval.py, step by step on a copy of the network, three segments long."""
-    ids, options = token_ids(16, 3), METHODS[method]
-    scores = adapted(net, ids, method, **options)
+def test_each_segment_is_scored_with_the_weights_the_earlier_segments_gave(method, decay, tied):
+    """The rules of lm/dynamic_eval.py, step by step on a copy of the network with dense gradients,
+    three segments long: the sparse embedding step, the fused updates and the skipped decay
+    change nothing."""
+    net, ids, options = network(tied), token_ids(16, 3), {**DYNAMIC[method], "decay": decay}
+    scores = adapted(net, ids, options, None)
 
-    copy = LSTMLanguageModel(VOCAB, hidden_size=8, num_layers=2, dropout=0.0, init_scale=0.5).double().eval()
-    copy.load_state_dict(net.state_dict())
+    copy = network(tied)
     trained = [p.detach().clone() for p in copy.parameters()]
     if method == "rms":
         rms = [m.sqrt() for m in rms_statistics(net)]
         mean_rms = torch.cat([r.flatten() for r in rms]).mean()
-        rates = [(options["decay"] * r / mean_rms).clamp(max=1) for r in rms]
+        rates = [(decay * r / mean_rms).clamp(max=1) for r in rms]
         steps = [options["lr"] / (r + options["eps"]) for r in rms]
     else:
-        rates, steps = [options["decay"]] * len(trained), [options["lr"]] * len(trained)
+        rates, steps = [decay] * len(trained), [options["lr"]] * len(trained)
     state = None
     for start in range(0, 15, 5):
         x, y = ids[start : start + 5], ids[start + 1 : start + 6]
@@ -118,16 +152,41 @@ def test_each_segment_is_scored_with_the_weights_the_earlier_segments_gave(net, 
 
 def test_cache_with_lambda_0_is_plain_evaluation(net):
     ids = token_ids(101, 4)
-    options = {**METHODS["cache"], "interpolation": 0.0}
     torch.testing.assert_close(
-        adapted(net, ids, "cache", **options), plain_log_probs(net, ids), rtol=0, atol=1e-12
+        adapted(net, ids, None, {**CACHE, "interpolation": 0.0}),
+        plain_log_probs(net, ids),
+        rtol=0,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("method", ["sgd", "rms"])
+def test_both_together_reduce_to_each_alone(net, method):
+    """With lr 0 the combination is the cache alone; with lambda 0 it is dynamic evaluation alone."""
+    ids = token_ids(101, 7)
+    torch.testing.assert_close(
+        adapted(net, ids, {**DYNAMIC[method], "lr": 0.0}, CACHE),
+        adapted(net, ids, None, CACHE),
+        rtol=0,
+        atol=1e-12,
+    )
+    torch.testing.assert_close(
+        adapted(net, ids, DYNAMIC[method], {**CACHE, "interpolation": 0.0}),
+        adapted(net, ids, DYNAMIC[method], None),
+        rtol=0,
+        atol=1e-12,
     )
 
 
 def test_cache_probability_is_the_papers_mixture(net):
-    """Grave et al.'s formula written out target by target, against the windowed computation."""
-    ids, window, interpolation, theta = token_ids(60, 5), 7, 0.3, 2.0
-    scores = adapted(net, ids, "cache", **METHODS["cache"])
+    """Grave et al.'s formula written out target by target, against the chunked computation."""
+    ids, window, interpolation, theta = (
+        token_ids(60, 5),
+        CACHE["window"],
+        CACHE["interpolation"],
+        CACHE["theta"],
+    )
+    scores = adapted(net, ids, None, CACHE)
     features, _ = net.hidden(ids[:-1].view(1, -1))
     h, y = features[0], ids[1:]
     model_probs = F.softmax(net.decoder(h), dim=-1)
@@ -190,6 +249,13 @@ def test_evaluate_runs_each_method_records_its_options_and_reduces_to_plain(chec
         "sgd": ["dynamic_eval.method=sgd", "dynamic_eval.lr=1", "dynamic_eval.decay=0.01"],
         "rms": ["dynamic_eval.method=rms", "dynamic_eval.lr=0.001", "dynamic_eval.stats_batches=10"],
         "cache": ["cache.window=50", "cache.lambda=0.1", "cache.theta=1"],
+        "both": [
+            "dynamic_eval.method=sgd",
+            "dynamic_eval.lr=1",
+            "cache.window=50",
+            "cache.lambda=0.1",
+            "cache.theta=1",
+        ],
         "valid": ["split=valid", "cache.window=50", "cache.lambda=0.1", "cache.theta=1"],
     }
     results = {
@@ -198,21 +264,23 @@ def test_evaluate_runs_each_method_records_its_options_and_reduces_to_plain(chec
     for name in ("sgd_lr_0", "cache_lambda_0"):  # float32 network, other windows: rounding only
         assert results[name]["ppl"] == pytest.approx(plain["ppl"], rel=1e-5)
         assert results[name]["acc"] == pytest.approx(plain["acc"], rel=1e-6)  # a float32 mean
-    for name in ("sgd", "rms", "cache"):
+    for name in ("sgd", "rms", "cache", "both"):
         assert results[name]["targets"] == targets and results[name]["ppl"] != pytest.approx(plain["ppl"])
+    assert len({results[name]["ppl"] for name in ("sgd", "cache", "both")}) == 3
     assert results["valid"]["split"] == "valid" and results["valid"]["targets"] != targets
     assert results["rms"]["dynamic_eval"] == {
         "method": "rms",
         "lr": 0.001,
         "decay": 0.0,
-        "num_steps": 5,
+        "segment_length": 5,
         "eps": 2e-05,
         "stats_batches": 10,
         "stats_batch_size": 100,
         "stats_num_steps": 5,
     }
-    assert results["sgd"]["dynamic_eval"] == {"method": "sgd", "lr": 1, "decay": 0.01, "num_steps": 5}
+    assert results["sgd"]["dynamic_eval"] == {"method": "sgd", "lr": 1, "decay": 0.01, "segment_length": 5}
     assert results["cache"]["cache"] == {"window": 50, "lambda": 0.1, "theta": 1}
+    assert results["both"]["dynamic_eval"]["method"] == "sgd" and results["both"]["cache"]["window"] == 50
 
 
 @pytest.mark.parametrize(
@@ -255,15 +323,10 @@ def test_evaluate_runs_each_method_records_its_options_and_reduces_to_plain(chec
             ["cache.window=100", "cache.lambda=0.1", "cache.theta=-1"],
             "cache.theta=-1 is not allowed: it must be a number, 0 or more.",
         ),
+        (["chunk_length=0"], "chunk_length=0 is not allowed: it must be an integer, 1 or more."),
         (
-            [
-                "cache.window=100",
-                "cache.lambda=0.1",
-                "cache.theta=1",
-                "dynamic_eval.method=sgd",
-                "dynamic_eval.lr=1",
-            ],
-            "dynamic_eval.method=sgd and cache.window=100 are both set; they are not combined",
+            ["dynamic_eval.method=sgd", "dynamic_eval.lr=1", "dynamic_eval.segment_length=0"],
+            "dynamic_eval.segment_length=0 is not allowed: it must be an integer, 1 or more.",
         ),
     ],
 )
@@ -271,3 +334,49 @@ def test_bad_options_are_one_clear_error(checkpoint, tmp_path, overrides, messag
     with pytest.raises(UserError) as error:
         run_evaluate(checkpoint, tmp_path / "run", *overrides)
     assert message in str(error.value)
+
+
+def test_a_sweep_on_valid_writes_one_evaluation_per_run_and_the_report_ranks_them(checkpoint, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_script(
+        "evaluate.py",
+        "-m",
+        f"ckpt_path={checkpoint['ckpt']}",
+        *checkpoint["data"],
+        "split=valid",
+        "cache.window=50",
+        "cache.theta=1",
+        "cache.lambda=0,0.1,0.3",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = sorted(run for run in sweep.iterdir() if run.is_dir())
+    for i, (run, value) in enumerate(zip(runs, ("0", "0.1", "0.3"), strict=True)):  # no checkpoint path
+        assert run.name == f"{i}_cache.lambda={value},cache.theta=1,cache.window=50,split=valid"
+    evaluations = {run.name.split("_")[0]: json.loads((run / "evaluation.json").read_text()) for run in runs}
+    assert {e["split"] for e in evaluations.values()} == {"valid"}
+    assert [e["cache"]["lambda"] for e in evaluations.values()] == [0, 0.1, 0.3]
+
+    table = tmp_path / "sweep.csv"
+    report = subprocess.run(
+        [sys.executable, "-m", "lm.report", str(sweep), "--csv", str(table)], capture_output=True, text=True
+    )
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader(table.open()))
+    assert [float(row["ppl"]) for row in rows] == sorted(e["ppl"] for e in evaluations.values())  # best first
+    for row in rows:
+        assert (
+            row["split"] == "valid"
+            and row["overrides"] == f"cache.lambda={evaluations[row['run']]['cache']['lambda']}"
+        )
+        assert float(row["ppl"]) == evaluations[row["run"]]["ppl"]
+    assert report.stdout.splitlines()[0].split() == [
+        "run",
+        "overrides",
+        "status",
+        "split",
+        "ppl",
+        "acc",
+        "targets",
+        "wall_min",
+    ]

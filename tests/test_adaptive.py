@@ -199,7 +199,7 @@ def test_evaluate_and_score_give_the_perplexity_train_reported(trained, tmp_path
     evaluation = json.loads((tmp_path / "e" / "evaluation.json").read_text())
     assert evaluation["ppl"] == pytest.approx(trained["metrics"]["test_ppl"], rel=1e-9)
 
-    # score.py reads the whole distribution (net.logits), evaluate.py the per-target path.
+    # score.py over the lines of the file, evaluate.py over the whole file: one stream either way.
     text = trained["corpus"] / "ptb.test.txt"
     scored = run_script(
         "score.py",

@@ -306,8 +306,15 @@ def trained(corpus, references) -> dict:
         ["dynamic_eval.method=sgd", "dynamic_eval.lr=0.1"],
         ["dynamic_eval.method=rms", "dynamic_eval.lr=3e-5", "dynamic_eval.stats_batches=20"],
         ["cache.window=100", "cache.lambda=0.1", "cache.theta=0.3"],
+        [
+            "dynamic_eval.method=sgd",
+            "dynamic_eval.lr=0.1",
+            "cache.window=100",
+            "cache.lambda=0.1",
+            "cache.theta=0.3",
+        ],
     ],
-    ids=["plain", "dynamic_sgd", "dynamic_rms", "cache"],
+    ids=["plain", "dynamic_sgd", "dynamic_rms", "cache", "dynamic_sgd_and_cache"],
 )
 def test_evaluate_on_cuda_gives_the_cpus_perplexity(trained, tmp_path, ieee_float32, overrides):
     on = {
