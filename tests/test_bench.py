@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lm import PROJECT_ROOT
 from lm.bench import flops_per_token
 
@@ -43,6 +45,10 @@ def test_the_benchmark_writes_its_table(tiny_corpus, tmp_path):
     )
     assert len(bench["matmul_gflops_probes"]) == 3  # before the rounds and after each of the two
     assert "lightning_over_plain" in result.stdout
+    assert bench["test_tokens_scored"] == bench["test_batch1_tokens"]  # the tiny test split, whole
+    passes = bench["plain_pass_seconds"], bench["dynamic_eval_pass_seconds"]
+    assert bench["dynamic_eval_over_plain"] == pytest.approx(passes[1] / passes[0]) and min(passes) > 0
+    assert "dynamic_eval_over_plain" in result.stdout
 
 
 def test_the_scale_benchmark_measures_every_phase(tmp_path):
