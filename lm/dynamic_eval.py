@@ -193,8 +193,8 @@ class DynamicEvaluation:
         theta). Fused over the weights with torch's `_foreach_` kernels: one call per rule rather
         than a few per weight tensor, which in a batch-1 loop is mostly Python's overhead."""
         inputs = self.learned if self.decoder is None else [*self.learned, self.decoder_io[1]]
-        with torch.enable_grad():  # unused: an adaptive softmax's tail that no target of the segment is in
-            grads = list(torch.autograd.grad(loss, inputs, allow_unused=True))
+        # allow_unused: an adaptive softmax's tail cluster that no target of the segment falls in.
+        grads = list(torch.autograd.grad(loss, inputs, allow_unused=True))
         if self.decays:
             torch._foreach_lerp_(self.parameters, self.trained, self.decay_rates)
         if self.decoder is not None:

@@ -44,7 +44,7 @@ def collect(sweep: Path) -> list[dict]:
         if evaluations:
             result = read_results(run / "evaluation.json")
             fields = {key: result.get(key) for key in ("ppl", "acc", "targets")}
-            split = result.get("split", result.get("file"))
+            fields["split"] = result.get("split", result.get("file"))
         else:
             result = read_results(run / "metrics.json")
             fields = {
@@ -53,9 +53,8 @@ def collect(sweep: Path) -> list[dict]:
                 "epochs": result.get("epochs"),
                 "tokens_per_sec": result.get("train_tokens_per_sec"),
             }
-            split = None
         wall = result.get("wall_seconds")
-        row = {**job, "status": result.get("status", "completed"), "split": split, **fields}
+        row = {**job, "status": result.get("status", "completed"), **fields}
         rows.append({**row, "wall_min": wall / 60 if wall is not None else None})
     rank = "ppl" if evaluations else "val_ppl"
     return sorted(rows, key=lambda row: row[rank] if row[rank] is not None else math.inf)

@@ -16,18 +16,17 @@ import torch.nn.functional as F
 
 from lm.cache import NeuralCache
 from lm.corpus import EOS, Vocabulary, text_tokens
+from lm.data import WindowDataset
 from lm.dynamic_eval import DynamicEvaluation
 from lm.model import LSTMLanguageModel, map_state
 
 
 def stream_pieces(ids: torch.Tensor, length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Inputs and targets (1, length) of one stream read in pieces of `length` tokens, the last one
-    shorter: the test protocol. Views of `ids`, without a DataLoader, whose work per piece (tens
-    of microseconds) would count in a loop of 5-token segments."""
-    ids = ids.long()
-    for start in range(0, len(ids) - 1, length):
-        piece = ids[start : start + length + 1]
-        yield piece[:-1].view(1, -1), piece[1:].view(1, -1)
+    """The evaluation windows (lm/data.py's WindowDataset) of one stream (batch 1) of `length`
+    tokens, the last one shorter: the test protocol. Read in order without a DataLoader, whose work
+    per window (tens of microseconds) would count in a loop of 5-token segments."""
+    windows = WindowDataset(ids.view(1, -1), length, full_windows_only=False)
+    return (windows[i] for i in range(len(windows)))
 
 
 def text_ids(text: str, vocabulary: Vocabulary) -> tuple[torch.Tensor, list[str]]:
