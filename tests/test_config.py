@@ -1,4 +1,5 @@
-"""The composed configuration: presets as design.md's table, every Trainer argument, trainer.gpus."""
+"""The composed configuration: presets as design.md's table and as results/ recorded them, every
+Trainer argument, trainer.gpus."""
 
 import inspect
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lm import PROJECT_ROOT
 from lm.errors import UserError
 from lm.trainer import trainer_arguments
 from tests.conftest import compose_config
@@ -29,6 +31,34 @@ def test_presets_compose_to_the_papers_values(preset):
     assert cfg.trainer.gradient_clip_val == clip
     assert (cfg.data.batch_size, cfg.model.lr, cfg.model.tie_weights) == (20, 1.0, False)
     assert (cfg.data.eval_batch_size, cfg.data.test_batch_size) == (20, 1)
+
+
+# The README's results rows: each results/ folder's config, and the command that the README says made it.
+RECORDED_RUNS = {
+    "ptb-small": ["model=small"],
+    "ptb-awd-cpu": ["model=awd_cpu"],
+    "ptb-small-adaptive": [
+        "model=small",
+        "model.softmax=adaptive",
+        "model.cutoffs=[6000]",
+        "model.div_value=16",
+    ],
+}
+
+
+@pytest.mark.parametrize("folder", RECORDED_RUNS)
+def test_the_readme_commands_compose_to_the_recorded_runs_settings(folder):
+    """`python train.py model=awd_cpu` must train what results/ptb-awd-cpu recorded: a preset
+    edited without a new run would make the README's figures unreproducible."""
+    recorded = OmegaConf.load(PROJECT_ROOT / "results" / folder / "config.yaml")
+    cfg = compose_config(*RECORDED_RUNS[folder])
+    added_since = {key: cfg.model[key] for key in cfg.model.keys() - recorded.model.keys()}
+    assert OmegaConf.to_container(cfg.model) == OmegaConf.to_container(recorded.model) | added_since
+    training = ["batch_size", "num_steps", "vary_num_steps", "test_batch_size", "test_num_steps"]
+    assert {k: cfg.data.get(k, False) for k in training} == {k: recorded.data.get(k, False) for k in training}
+    for key in ("max_epochs", "gradient_clip_val", "gradient_clip_algorithm", "precision"):
+        assert cfg.trainer[key] == recorded.trainer[key], key
+    assert cfg.seed == recorded.seed
 
 
 def test_the_default_is_the_small_preset():
