@@ -27,9 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from lm.allocator import keep_freed_memory
 from lm.callbacks import TokensPerSecond
 from lm.dynamic_eval import DynamicEvaluation
+from lm.errors import Unsupported
 from lm.model import map_state
 from lm.scoring import score_stream
-from lm.trainer import build_trainer
+from lm.trainer import build_trainer, check_precision
 
 log = logging.getLogger("bench")
 
@@ -167,11 +168,16 @@ def timed_evaluation(trainer_cfg: DictConfig, model, datamodule) -> dict[str, fl
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> dict:
     """In a sweep (-m), a job that fails writes its error to its bench.json and the sweep goes on,
-    as train.py's runs do: one preset that fails must not cost the others' figures."""
+    as train.py's runs do: one preset that fails must not cost the others' figures. A job this
+    machine cannot run (bf16 on a CPU without it) is recorded as skipped, with the reason."""
     precision = str(cfg.trainer.precision or "32-true")  # Lightning's default
     job = {"model": HydraConfig.get().runtime.choices.model, "precision": precision}
     try:
+        check_precision(cfg.trainer)
         results = {**job, **bench(cfg)}
+    except Unsupported as reason:
+        log.warning("Skipped: %s", reason)
+        results = {**job, "skipped": str(reason)}
     except Exception as error:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise

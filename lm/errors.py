@@ -13,6 +13,11 @@ class UserError(Exception):
     """A bad path, config value or input file; entry points print only its message and exit 1."""
 
 
+class Unsupported(UserError):
+    """This machine cannot run what was asked (bf16 on a CPU without it); a benchmark sweep records
+    the job as skipped with this message, rather than as a failure."""
+
+
 def check_rules(section: str, rules: Iterable[tuple[str, object, bool, str]]) -> None:
     """Raise one UserError for the first (key, value, valid, allowed) rule a config value breaks.
 

@@ -1,5 +1,6 @@
 """The Lightning Trainer from `cfg.trainer`, with Lightning 1.x's `gpus=` still understood."""
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
-from lm.errors import UserError, check_rules
+from lm.errors import Unsupported, UserError, check_rules
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def check_run_options(cfg: DictConfig) -> None:
         ),
     }
     trainer = cfg.trainer
+    check_precision(trainer)
     check_rules(
         "trainer",
         [(key, trainer[key], valid(trainer[key]), allowed) for key, (valid, allowed) in rules.items()],
@@ -76,6 +78,39 @@ def check_run_options(cfg: DictConfig) -> None:
     check_rules(
         "", [("seed", cfg.seed, _integer(cfg.seed, 0) and cfg.seed <= seeds, f"an integer in [0, {seeds}]")]
     )
+
+
+def check_precision(trainer_cfg: DictConfig) -> None:
+    """Refuse a bfloat16 precision on a CPU whose oneDNN has no bfloat16 LSTM, in one line, before
+    any data is read: PyTorch would stop at the first step with "could not create a primitive
+    descriptor for the LSTM forward propagation primitive". Running the LSTM in float32 instead
+    would only be slower than `32-true` on such a CPU, so nothing is gained by allowing it."""
+    precision = str(trainer_cfg.precision)
+    if not precision.startswith("bf16") or not _runs_on_the_cpu(trainer_cfg) or cpu_runs_bf16_lstm():
+        return
+    raise Unsupported(
+        f"trainer.precision={precision} cannot run on this CPU: PyTorch's LSTM (oneDNN) has no bfloat16 "
+        "kernel for it (that needs AVX-512 or AMX). Use trainer.precision=32-true here, or bf16 on a GPU."
+    )
+
+
+def _runs_on_the_cpu(trainer_cfg: DictConfig) -> bool:
+    if trainer_cfg.get("gpus"):
+        return False
+    accelerator = str(trainer_cfg.accelerator)
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
+@functools.cache
+def cpu_runs_bf16_lstm() -> bool:
+    """Whether a bfloat16 LSTM runs on this CPU: tried once on a tiny one, as autocast runs it."""
+    lstm = torch.nn.LSTM(8, 8, batch_first=True)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(torch.zeros(1, 2, 8))
+    except RuntimeError:
+        return False
+    return True
 
 
 def _integer(value: object, smallest: int) -> bool:

@@ -20,10 +20,11 @@ from lm import PROJECT_ROOT
 torch.set_num_threads(1)
 
 
-def compose_config(*overrides: str) -> DictConfig:
-    """The config train.py would get, with `${hydra:...}` resolvable as in a real run."""
+def compose_config(*overrides: str, config_name: str = "config") -> DictConfig:
+    """The config train.py (or the entry point of `config_name`) would get, with `${hydra:...}`
+    resolvable as in a real run."""
     with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     return cfg
 

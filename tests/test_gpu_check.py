@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 from importlib.machinery import SourceFileLoader
+from pathlib import Path
 
 import pytest
 
 from lm import PROJECT_ROOT
+from lm.trainer import cpu_runs_bf16_lstm
 
 SCRIPT = PROJECT_ROOT / "scripts" / "gpu-check"
 
@@ -41,7 +43,13 @@ def test_the_dry_mode_runs_every_stage_and_leaves_what_the_device_tool_brings_ba
     bench = json.loads((out / "bench.json").read_text())
     jobs = [(preset, precision) for preset in gpu_check.PRESETS for precision in gpu_check.PRECISIONS]
     assert [(job["model"], job["precision"]) for job in bench] == jobs
-    assert all(job["lightning_train_tokens_per_sec"] > 0 and job["test_batch1_seconds"] > 0 for job in bench)
+    # bf16 where this CPU's LSTM has no bfloat16 kernel: skipped with the reason, not failed.
+    skipped = [job for job in bench if "skipped" in job]
+    assert {job["precision"] for job in skipped} <= {"bf16-mixed"} and bool(skipped) != cpu_runs_bf16_lstm()
+    measured = [job for job in bench if "skipped" not in job]
+    assert all(
+        job["lightning_train_tokens_per_sec"] > 0 and job["test_batch1_seconds"] > 0 for job in measured
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "completed" and 1 <= metrics["epochs"] < 39  # stopped by trainer.max_time
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # fit and test
@@ -70,6 +78,49 @@ def test_a_stage_that_fails_overruns_or_raises_is_recorded_and_the_next_one_runs
     ]
     assert check.failed
     assert "| raises | failed |" in (tmp_path / "gpu-check.md").read_text()  # rewritten after each stage
+
+
+def test_a_benchmark_job_the_machine_cannot_run_is_reported_as_skipped(gpu_check, tmp_path, monkeypatch):
+    def run(check, command, seconds, stdout=None):  # the benchmark sweep's jobs, as lm.bench writes them
+        if stdout:
+            stdout.write_text(json.dumps({"gpu": None}))
+        if "lm.bench" in command:
+            sweep = Path(next(c for c in command if c.startswith("hydra.sweep.dir=")).split("=", 1)[1])
+            jobs = [(preset, precision) for preset in gpu_check.PRESETS for precision in gpu_check.PRECISIONS]
+            for number, (preset, precision) in enumerate(jobs):
+                job = {"model": preset, "precision": precision}
+                if precision == "bf16-mixed":
+                    job["skipped"] = "trainer.precision=bf16-mixed cannot run on this CPU: ..."
+                else:
+                    job.update(dict.fromkeys(MEASURED, 1.0), matmul_dtype="float32", gpu_peak_memory_mib=None)
+                (sweep / str(number)).mkdir(parents=True)
+                (sweep / str(number) / "bench.json").write_text(json.dumps(job))
+        return 0
+
+    monkeypatch.setattr(gpu_check.Check, "run", run)
+    check = gpu_check.Check(tmp_path, tmp_path, 60, dry=True, title="a test", env=dict(os.environ))
+    check.stage("environment", gpu_check.environment)
+    check.stage("benchmark", gpu_check.benchmark)
+    assert check.stages[-1]["status"] == "passed", check.stages
+    assert check.stages[-1]["note"].startswith(
+        "3 of 6 jobs measured; exit status 0; small bf16-mixed skipped"
+    )
+    report = (tmp_path / "gpu-check.md").read_text()
+    assert (
+        "| medium | bf16-mixed | skipped: trainer.precision=bf16-mixed cannot run on this CPU: ... |"
+        in report
+    )
+
+
+MEASURED = [
+    "lightning_train_tokens_per_sec",
+    "plain_loop_train_tokens_per_sec",
+    "lightning_over_plain",
+    "matmul_gflops",
+    "lightning_fraction_of_matmul",
+    "val_tokens_per_sec",
+    "test_batch1_seconds",
+]
 
 
 def test_the_large_mode_trains_model_large_alone(gpu_check, tmp_path, monkeypatch):
