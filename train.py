@@ -65,7 +65,7 @@ def train(cfg: DictConfig) -> dict:
 
     checkpointing = next((c for c in trainer.callbacks if isinstance(c, TrainingCheckpoint)), None)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     except (Stopped, SIGTERMException, ProcessRaisedException) as stop:
         if isinstance(stop, ProcessRaisedException):  # ddp_spawn: a worker's exception, as its traceback
             if f"{Stopped.__module__}.Stopped: " not in str(stop):
@@ -102,7 +102,7 @@ def train(cfg: DictConfig) -> dict:
             "No validation ran (trainer.limit_val_batches, check_val_every_n_epoch, val_check_interval or "
             "max_steps): val_ppl is null, and the test uses the last weights."
         )
-    results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
     test = results[0] if results else {}  # none with trainer.limit_test_batches=0
     if checkpointing and checkpointing.signal is not None:
         log.warning(

@@ -1,9 +1,11 @@
 """A trained model back from its checkpoint, with its vocabulary, or one clear error."""
 
+import pickle
 from pathlib import Path
 
 import torch
 
+from lm.checkpointing import unsafe_checkpoint
 from lm.errors import UserError
 from lm.module import LanguageModel
 
@@ -15,7 +17,9 @@ def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> LanguageMo
         raise UserError(f"ckpt_path={path} is not a file; give a .ckpt from a run's checkpoints/ folder.")
     try:
         # Not compiled: a run pays compilation back over epochs, one pass over a text does not.
-        model = LanguageModel.load_from_checkpoint(path, map_location="cpu", compile=False)
+        model = LanguageModel.load_from_checkpoint(path, map_location="cpu", weights_only=True, compile=False)
+    except pickle.UnpicklingError as error:  # more than tensors and plain values: it could run code
+        raise unsafe_checkpoint(path, "ckpt_path", error) from None
     except Exception as error:  # truncated, corrupt, or not a checkpoint of this project
         raise UserError(
             f"ckpt_path={path} cannot be read as a checkpoint of this project ({type(error).__name__}: "

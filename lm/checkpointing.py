@@ -17,7 +17,9 @@ dropout masks), and the best scores (`BestCheckpoint`).
 
 import logging
 import os
+import pickle
 import random
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -28,9 +30,32 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
+from lm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def read_checkpoint(path: Path, key: str) -> dict:
+    """A checkpoint's contents, unpickled by `torch.load(weights_only=True)`: tensors and plain values
+    only, which is all the project writes, so that a checkpoint someone handed over cannot run code.
+    `key` names the option that gave the path (resume, ckpt_path) in the one-line refusal."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise unsafe_checkpoint(path, key, error) from None
+
+
+def unsafe_checkpoint(path: Path, key: str, error: Exception) -> UserError:
+    """The refusal of a checkpoint that holds more than tensors and plain values (torch's own
+    message is a page long); what it holds is named when torch says."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    what = f"a reference to {found.group(1)}" if found else "an object"
+    return UserError(
+        f"{key}={path} holds {what}, not only tensors and plain values, and unpickling it could run code: "
+        "it was not opened. Use a checkpoint written by this project's train.py, from a source you trust."
+    )
 
 
 class Stopped(Exception):

@@ -14,12 +14,12 @@ import socket
 from pathlib import Path
 from typing import IO, Any
 
-import torch
 from hydra.experimental.callback import Callback
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from lm.checkpointing import read_checkpoint
 from lm.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,9 @@ def _requeued(cfg: DictConfig, run_dir: Path) -> bool:
 
 def _check_same_config(cfg: DictConfig, checkpoint: Path) -> None:
     try:
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("run_config")
+        saved = read_checkpoint(checkpoint, "resume").get("run_config")
+    except UserError:
+        raise
     except Exception as error:
         raise UserError(
             f"resume: {checkpoint} cannot be read ({type(error).__name__}: {error}); it may be truncated. "

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
+from lm.checkpointing import read_checkpoint
 from lm.errors import Unsupported, UserError, check_rules
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def recover_training_state(trainer: L.Trainer) -> None:
     if not last.exists():  # callbacks.model_checkpoint.save_last=false
         log.warning("No %s: the best score, epochs and tokens/s of this ddp_spawn run are unknown.", last)
         return
-    saved = torch.load(last, map_location="cpu", weights_only=False)
+    saved = read_checkpoint(last, "checkpoints/last.ckpt")
     for callback in trainer.callbacks:
         if callback.state_key in saved["callbacks"]:
             callback.load_state_dict(saved["callbacks"][callback.state_key])

@@ -216,14 +216,14 @@ def test_nt_asgd_switches_when_validation_stops_improving_and_checkpoints_the_av
     for name, value in model.averaged.module.state_dict().items():
         torch.testing.assert_close(value, mean[name], rtol=1e-5, atol=1e-6)
 
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["asgd"] == {"val_losses": losses, "averaging_since": 2}
     weights, raw = checkpoint["state_dict"], checkpoint["training_state_dict"]
     for name, value in model.averaged.module.state_dict().items():
         assert torch.equal(weights[f"net.{name}"], value)  # the model saved is the average
         assert torch.equal(raw[f"net.{name}"], raw_weights[-1][name])  # training goes on from the raw ones
     # Validation used the average: the last epoch's validation loss is the averaged weights'.
-    loaded = LanguageModel.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    loaded = LanguageModel.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert torch.equal(loaded.net.embedding.weight, weights["net.embedding.weight"])
     (result,) = quiet_trainer(limit_test_batches=None).test(
         loaded, dataloaders=datamodule.val_dataloader(), verbose=False
@@ -231,7 +231,9 @@ def test_nt_asgd_switches_when_validation_stops_improving_and_checkpoints_the_av
     assert math.log(result["test/ppl"]) == pytest.approx(losses[-1], rel=1e-6)
 
     resumed = LanguageModel(datamodule.vocab_size, hidden_size=8, lr=1.0, lr_decay=1.0, asgd_nonmono=1)
-    trainer(5).fit(resumed, datamodule=datamodule, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    trainer(5).fit(
+        resumed, datamodule=datamodule, ckpt_path=tmp_path / "checkpoints" / "last.ckpt", weights_only=True
+    )
     assert resumed.averaging_since == 2
     assert int(resumed.averaged.n_averaged) == 2 * windows  # the average went on, not restarted
     assert len(raw_weights) == 2 * windows

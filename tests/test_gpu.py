@@ -260,7 +260,7 @@ def test_a_checkpoint_saved_on_the_gpu_resumes_there_exactly_mid_epoch(corpus, r
     stopped = run_train(*arguments, f"hydra.run.dir={run}", gpu=True)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert f"Stopped by SIGTERM at step {STEPS + 37} (epoch 2)" in stopped.stdout
-    saved = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    saved = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert "cuda" in saved["callbacks"]["TrainingCheckpoint"]  # the CUDA generator's state
     assert saved["train_state"] is not None  # and the state carried into the next window
     resumed = run_train(*arguments, f"resume={run}", gpu=True)

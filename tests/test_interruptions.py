@@ -62,7 +62,7 @@ def references(corpora, tmp_path_factory):
             run = tmp_path_factory.mktemp(f"reference-{name}") / "run"
             result = run_train(*arguments(corpora, name), f"hydra.run.dir={run}")
             assert result.returncode == 0, result.stdout + result.stderr
-            last = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+            last = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
             epochs = json.loads((run / "metrics.json").read_text())["epochs"]
             assert last["epoch"] + 1 == epochs  # the (0-based) last epoch, whichever was the best
             runs[name] = run
@@ -109,8 +109,8 @@ def assert_same_run(run: Path, reference: Path) -> None:
         sorted(p.name for p in (r / "checkpoints").iterdir()) for r in (run, reference)
     )
     assert listing == expected_listing  # no stale best checkpoint, no "-v1", no partial file
-    final = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    reference_final = torch.load(reference / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    final = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    reference_final = torch.load(reference / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     for name, tensor in reference_final["state_dict"].items():
         assert torch.equal(final["state_dict"][name], tensor), name
     assert final["global_step"] == reference_final["global_step"]

@@ -48,7 +48,7 @@ def epoch_curves(run: Path) -> dict[str, list[float]]:
 
 
 def parameters(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
@@ -211,7 +211,7 @@ def test_a_run_without_validation_tests_its_last_weights(corpus, tmp_path, limit
     metrics = json.loads((run / "metrics.json").read_text())
     assert (metrics["status"], metrics["val_ppl"], metrics["best_checkpoint"]) == ("completed", None, "")
     if limit == "trainer.max_steps=30":  # the test's perplexity is the last weights'
-        saved = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+        saved = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
         assert saved["global_step"] == 30
         evaluated = run_script(
             "evaluate.py",
