@@ -26,14 +26,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lm import cache, dynamic_eval
 from lm.allocator import keep_freed_memory
-from lm.checkpoint import load_model, pick_device
-from lm.corpus import Vocabulary, read_text
-from lm.data import TextDataModule
+from lm.data.datamodule import TextDataModule
+from lm.data.text import read_text
+from lm.data.vocabulary import Vocabulary
 from lm.errors import UserError, exit_on_user_error
-from lm.module import LanguageModel
-from lm.scoring import score_stream, text_ids
+from lm.evaluation import cache, dynamic_eval
+from lm.evaluation.loading import load_model, pick_device
+from lm.evaluation.scoring import score_stream, text_ids
+from lm.training.module import LanguageModel
 
 log = logging.getLogger("evaluate")
 

@@ -15,10 +15,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lm.checkpoint import load_model, pick_device
-from lm.corpus import EOS
+from lm.data.text import EOS
 from lm.errors import UserError, exit_on_user_error
-from lm.generation import sample
+from lm.evaluation.generation import sample
+from lm.evaluation.loading import load_model, pick_device
 
 log = logging.getLogger("generate")
 

@@ -18,10 +18,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lm.checkpoint import load_model, pick_device
-from lm.corpus import read_text, text_lines
+from lm.data.text import read_text, text_lines
 from lm.errors import UserError, exit_on_user_error
-from lm.scoring import line_log_probs
+from lm.evaluation.loading import load_model, pick_device
+from lm.evaluation.scoring import line_log_probs
 
 log = logging.getLogger("score")
 

@@ -29,12 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.multiprocessing import ProcessRaisedException
 
 from lm.allocator import keep_freed_memory
-from lm.callbacks import TokensPerSecond
-from lm.checkpointing import Stopped, TrainingCheckpoint
 from lm.errors import exit_on_user_error, user_error_in
-from lm.module import Diverged, check_options
-from lm.resume import prepare_run_folder
-from lm.trainer import build_trainer, check_run_options, recover_training_state
+from lm.training.module import Diverged
+from lm.training.options import check_options
+from lm.training.run_folder import prepare_run_folder
+from lm.training.safe_stop import Stopped, TrainingCheckpoint
+from lm.training.throughput import TokensPerSecond
+from lm.training.trainer import build_trainer, check_run_options, recover_training_state
 
 log = logging.getLogger("train")
 

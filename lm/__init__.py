@@ -28,7 +28,7 @@ def _folder_name(text: str, max_bytes: int) -> str:
 
 
 def _resumed_run_folder(resume: str | None, new_folder: str) -> str:
-    from lm.resume import resumed_run_folder  # here, so that `import lm` stays light
+    from lm.training.run_folder import resumed_run_folder  # here, so that `import lm` stays light
 
     return resumed_run_folder(resume, new_folder)
 

@@ -4,6 +4,7 @@ import os
 import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,8 @@ from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig
 
 from lm import PROJECT_ROOT
+from lm.data.text import Tokenizer, read_text, text_tokens
+from lm.data.vocabulary import Vocabulary
 
 # The test models are tiny: a second thread only waits on the first (and on a busy machine far worse).
 torch.set_num_threads(1)
@@ -27,6 +30,16 @@ def compose_config(*overrides: str, config_name: str = "config") -> DictConfig:
         cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def read_tokens(path: Path, tokenizer: Tokenizer = Tokenizer()) -> list[str]:
+    """The tokens of every line of a UTF-8 file, each line closed by `<eos>`."""
+    return text_tokens(read_text(path), tokenizer)
+
+
+def build_vocabulary(tokens: list[str], tokenizer: Tokenizer = Tokenizer()) -> Vocabulary:
+    """The vocabulary of a list of training tokens, as a prepared corpus's counts give it."""
+    return Vocabulary.from_counts(Counter(tokens), tokenizer)
 
 
 def write_corpus(folder: Path, lines: dict[str, list[str]]) -> Path:

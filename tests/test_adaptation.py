@@ -16,28 +16,28 @@ from omegaconf import open_dict
 
 from evaluate import evaluate
 from lm import PROJECT_ROOT
-from lm.cache import NeuralCache
-from lm.data import PTBDataModule
-from lm.dynamic_eval import DynamicEvaluation, gradient_mean_squares
+from lm.data.datamodule import PTBDataModule
 from lm.errors import UserError
-from lm.model import LSTMLanguageModel
-from lm.module import LanguageModel
-from lm.scoring import score_stream
+from lm.evaluation.cache import NeuralCache
+from lm.evaluation.dynamic_eval import DynamicEvaluation, gradient_mean_squares
+from lm.evaluation.scoring import score_stream
+from lm.models.lstm import LSTMNetwork
+from lm.training.module import LanguageModel
 from tests.conftest import quiet_trainer, run_script, write_tiny_corpus
 
 CPU = torch.device("cpu")
 VOCAB = 12
 
 
-def network(tied: bool = False) -> LSTMLanguageModel:
+def network(tied: bool = False) -> LSTMNetwork:
     """A random network in float64, so that only real differences exceed 1e-12."""
     torch.manual_seed(0)
-    net = LSTMLanguageModel(VOCAB, hidden_size=8, num_layers=2, dropout=0.0, init_scale=0.5, tie_weights=tied)
+    net = LSTMNetwork(VOCAB, hidden_size=8, num_layers=2, dropout=0.0, init_scale=0.5, tie_weights=tied)
     return net.double().eval()
 
 
 @pytest.fixture
-def net() -> LSTMLanguageModel:
+def net() -> LSTMNetwork:
     return network()
 
 
@@ -45,12 +45,12 @@ def token_ids(count: int, seed: int) -> torch.Tensor:
     return torch.randint(VOCAB, (count,), generator=torch.Generator().manual_seed(seed))
 
 
-def plain_log_probs(net: LSTMLanguageModel, ids: torch.Tensor) -> torch.Tensor:
+def plain_log_probs(net: LSTMNetwork, ids: torch.Tensor) -> torch.Tensor:
     logits, _ = net(ids[:-1].view(1, -1))
     return F.log_softmax(logits[0], dim=-1).gather(1, ids[1:, None])[:, 0]
 
 
-def rms_statistics(net: LSTMLanguageModel) -> list[torch.Tensor]:
+def rms_statistics(net: LSTMNetwork) -> list[torch.Tensor]:
     return gradient_mean_squares(net, token_ids(400, 9), batches=6, batch_size=4, num_steps=5, device=CPU)
 
 
@@ -61,9 +61,7 @@ DYNAMIC = {
 CACHE = {"window": 7, "interpolation": 0.3, "theta": 2.0}
 
 
-def adapted(
-    net: LSTMLanguageModel, ids: torch.Tensor, dynamic: dict | None, cache: dict | None
-) -> torch.Tensor:
+def adapted(net: LSTMNetwork, ids: torch.Tensor, dynamic: dict | None, cache: dict | None) -> torch.Tensor:
     """score_stream's log-probabilities with these options of DynamicEvaluation and NeuralCache."""
     adaptation = None
     if dynamic:
@@ -187,7 +185,7 @@ def test_cache_probability_is_the_papers_mixture(net):
         CACHE["theta"],
     )
     scores = adapted(net, ids, None, CACHE)
-    features, _ = net.hidden(ids[:-1].view(1, -1))
+    features, _ = net.features(ids[:-1].view(1, -1))
     h, y = features[0], ids[1:]
     model_probs = F.softmax(net.decoder(h), dim=-1)
     for t in range(len(y)):
@@ -359,7 +357,9 @@ def test_a_sweep_on_valid_writes_one_evaluation_per_run_and_the_report_ranks_the
 
     table = tmp_path / "sweep.csv"
     report = subprocess.run(
-        [sys.executable, "-m", "lm.report", str(sweep), "--csv", str(table)], capture_output=True, text=True
+        [sys.executable, "-m", "lm.tools.report", str(sweep), "--csv", str(table)],
+        capture_output=True,
+        text=True,
     )
     assert report.returncode == 0, report.stderr
     rows = list(csv.DictReader(table.open()))

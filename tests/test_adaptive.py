@@ -12,20 +12,22 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from lm.checkpoint import load_model
-from lm.data import PTBDataModule
+from lm.data.datamodule import PTBDataModule
 from lm.errors import UserError
-from lm.model import LSTMLanguageModel
-from lm.module import LanguageModel, check_options, negated_sum, summed_nll
+from lm.evaluation.loading import load_model
+from lm.models.lstm import LSTMNetwork
+from lm.training.metrics import negated_sum, summed_nll
+from lm.training.module import LanguageModel
+from lm.training.options import check_options
 from tests.conftest import TINY_RUN, compose_config, quiet_trainer, run_script, run_train, write_corpus
 from tests.test_adaptation import run_evaluate
 
 VOCAB, CUTOFFS = 40, [8, 20]  # a head of 8 words and 2 clusters, of 12 and 20 words
 
 
-def adaptive_net(**options) -> LSTMLanguageModel:
+def adaptive_net(**options) -> LSTMNetwork:
     torch.manual_seed(0)
-    return LSTMLanguageModel(
+    return LSTMNetwork(
         VOCAB, 16, 2, 0.0, 0.5, softmax="adaptive", cutoffs=CUTOFFS, **options
     ).eval()  # tails of 16 // 4 and 16 // 16 units
 
@@ -42,7 +44,7 @@ def inputs_and_targets(batch: int, steps: int, seed: int) -> tuple[torch.Tensor,
 def test_target_log_probs_are_the_normalised_distribution_at_the_targets(dtype, tolerance):
     net = adaptive_net().to(dtype)
     x, y = inputs_and_targets(3, 25, 1)
-    features, _ = net.hidden(x)
+    features, _ = net.features(x)
     distribution = net.logits(features)
     assert distribution.shape == (3, 25, VOCAB)
     total = distribution.double().exp().sum(-1)
@@ -62,7 +64,7 @@ def test_the_likeliest_token_is_the_distributions_argmax_wherever_the_heads_best
     with torch.no_grad():
         net.adaptive_softmax.head.bias[CUTOFFS[0] :] += cluster_bias
     x, y = inputs_and_targets(4, 30, 2)
-    features, _ = net.hidden(x)
+    features, _ = net.features(x)
     distribution = net.logits(features)
     head_best = net.adaptive_softmax.head(features).argmax(-1) >= CUTOFFS[0]
     share = head_best.double().mean().item()
@@ -73,7 +75,7 @@ def test_the_likeliest_token_is_the_distributions_argmax_wherever_the_heads_best
 def test_a_window_of_one_target_is_scored():  # the last, shorter window of a split can be one token
     net = adaptive_net().double()
     for target in (3, 12, 30):
-        features, _ = net.hidden(torch.tensor([[5]]))
+        features, _ = net.features(torch.tensor([[5]]))
         log_probs = net.target_log_probs(features, torch.tensor([[target]]))
         assert log_probs.shape == (1, 1)
         assert log_probs.item() == pytest.approx(net.logits(features)[0, 0, target].item(), abs=1e-12)
@@ -82,7 +84,7 @@ def test_a_window_of_one_target_is_scored():  # the last, shorter window of a sp
 def test_under_autocast_the_adaptive_softmax_runs_in_its_weights_dtype():
     net = adaptive_net()
     x, y = inputs_and_targets(2, 10, 3)
-    features, _ = net.hidden(x)
+    features, _ = net.features(x)
     plain = net.target_log_probs(features, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # trainer.precision=bf16-mixed
         mixed = net.target_log_probs(features, y)
@@ -92,8 +94,8 @@ def test_under_autocast_the_adaptive_softmax_runs_in_its_weights_dtype():
 
 def test_init_uniform_draws_every_weight_and_awd_zeroes_the_bias():
     scale = 0.05
-    uniform = LSTMLanguageModel(VOCAB, 16, 2, 0.0, scale, softmax="adaptive", cutoffs=CUTOFFS)
-    awd = LSTMLanguageModel(VOCAB, 16, 2, 0.0, scale, softmax="adaptive", cutoffs=CUTOFFS, init="awd")
+    uniform = LSTMNetwork(VOCAB, 16, 2, 0.0, scale, softmax="adaptive", cutoffs=CUTOFFS)
+    awd = LSTMNetwork(VOCAB, 16, 2, 0.0, scale, softmax="adaptive", cutoffs=CUTOFFS, init="awd")
     for net in (uniform, awd):
         weights = [p for name, p in net.adaptive_softmax.named_parameters() if not name.endswith("bias")]
         assert len(weights) == 5 and all(p.abs().max() <= scale and p.abs().min() > 0 for p in weights)
@@ -106,7 +108,7 @@ def test_the_full_softmax_sums_exactly_as_before():
     """Today's loss was F.cross_entropy(decoder(features), y, reduction="sum"); the per-target path
     gives the same bits, value and gradient (a plain .sum() of the per-target values would not)."""
     torch.manual_seed(0)
-    net = LSTMLanguageModel(1000, 32, 2, 0.0, 0.1)
+    net = LSTMNetwork(1000, 32, 2, 0.0, 0.1)
     for seed in range(5):
         generator = torch.Generator().manual_seed(seed)
         features = torch.randn(20, 20, 32, generator=generator) * 3
@@ -120,7 +122,7 @@ def test_the_full_softmax_sums_exactly_as_before():
         old_grad = torch.autograd.grad(before / 20, net.decoder.weight)[0]
         assert torch.equal(torch.autograd.grad(now / 20, net.decoder.weight)[0], old_grad)
     x = torch.randint(1000, (3, 7))
-    assert torch.equal(net(x)[0], net.decoder(net.hidden(x)[0]))
+    assert torch.equal(net(x)[0], net.decoder(net.features(x)[0]))
 
 
 def test_test_perplexity_equals_a_token_by_token_batch_1_loop(tiny_corpus, tmp_path):

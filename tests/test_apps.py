@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 
 from evaluate import evaluation_device
 from lm import PROJECT_ROOT
-from lm.generation import sample
-from lm.model import LSTMLanguageModel
+from lm.evaluation.generation import sample
+from lm.models.lstm import LSTMNetwork
 from tests.conftest import TINY_RUN, random_lines, run_script, run_train
 from tests.test_adaptation import run_evaluate
 
@@ -149,7 +149,7 @@ def test_temperature_zero_is_greedy(trained, tmp_path):
 
 def test_sampling_stays_within_the_top_k_tokens():
     torch.manual_seed(0)
-    net = LSTMLanguageModel(vocab_size=50, hidden_size=16, num_layers=2, dropout=0.0, init_scale=1.0).eval()
+    net = LSTMNetwork(vocab_size=50, hidden_size=16, num_layers=2, dropout=0.0, init_scale=1.0).eval()
     prompt = torch.tensor([3, 1, 4])
     words = sample(
         net,

@@ -1,4 +1,4 @@
-"""`python -m lm.bench` runs on any corpus and reports consistent figures."""
+"""`python -m lm.tools.bench` runs on any corpus and reports consistent figures."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from lm import PROJECT_ROOT
-from lm.bench import flops_per_token
+from lm.tools.bench import flops_per_token
 
 
 def test_flops_per_token_counts_the_matrix_multiplies():
@@ -30,7 +30,7 @@ def test_the_benchmark_writes_its_table(tiny_corpus, tmp_path):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, "-m", "lm.bench", *overrides],
+        [sys.executable, "-m", "lm.tools.bench", *overrides],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,
@@ -53,7 +53,15 @@ def test_the_benchmark_writes_its_table(tiny_corpus, tmp_path):
 
 def test_the_scale_benchmark_measures_every_phase(tmp_path):
     # A corpus of WikiText-103's shape in miniature: every phase runs and reports its figures.
-    command = [sys.executable, "-m", "lm.bench_scale", "--work", str(tmp_path), "--train-tokens", "30000"]
+    command = [
+        sys.executable,
+        "-m",
+        "lm.tools.bench_scale",
+        "--work",
+        str(tmp_path),
+        "--train-tokens",
+        "30000",
+    ]
     command += ["--types", "400", "--cutoffs", "50", "200", "--hidden-size", "16", "--steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lm.errors import UserError
-from lm.trainer import recover_training_state
+from lm.training.trainer import recover_training_state
 from tests.conftest import TINY_RUN, run_script, run_train, write_tiny_corpus
 from tests.test_config_checks import refused
 

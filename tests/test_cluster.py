@@ -47,8 +47,8 @@ import json, sys
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import read_write
-from lm.data import PTBDataModule
-from lm.trainer import build_trainer
+from lm.data.datamodule import PTBDataModule
+from lm.training.trainer import build_trainer
 from tests.conftest import compose_config
 
 cfg = compose_config("trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=2")
@@ -88,7 +88,7 @@ def test_lightning_takes_the_world_from_the_slurm_variables(tiny_corpus, tmp_pat
     )
     assert result.returncode == 0, result.stderr
     probe = json.loads(result.stdout.strip().splitlines()[-1])
-    # lm.checkpointing saves at a safe point and requeues; Lightning's would save in its handler.
+    # lm.training.safe_stop saves at a safe point and requeues; Lightning's would save in its handler.
     assert probe["environment"] == "SLURMEnvironment" and not probe["auto_requeue"]
     assert probe["main_address"] == "gpu07"
     assert (probe["world_size"], probe["ranks"]) == (4, [3, 1, 1])

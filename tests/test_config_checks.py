@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lm.errors import UserError
-from lm.trainer import check_run_options
+from lm.training.trainer import check_run_options
 from tests.conftest import TINY_RUN, compose_config, random_lines, run_train, write_corpus
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm import corpus
-from lm.corpus import EOS, UNK, Tokenizer, Vocabulary, load_corpus, read_tokens, text_lines
+from lm.data import prepared as preparation
+from lm.data.prepared import load_corpus
+from lm.data.ptb import ptb_files
+from lm.data.text import EOS, UNK, Tokenizer, text_lines
 from lm.errors import UserError
-from lm.ptb import ptb_files
-from tests.conftest import write_corpus
+from tests.conftest import build_vocabulary, read_tokens, write_corpus
 
 
 def test_ptb_vocabulary_and_token_counts(ptb_dir, tmp_path):
@@ -29,9 +30,9 @@ def test_ptb_vocabulary_and_token_counts(ptb_dir, tmp_path):
 
 
 def test_ids_are_deterministic_and_ties_alphabetical():
-    vocab = Vocabulary.build("b a c a b d".split())
+    vocab = build_vocabulary("b a c a b d".split())
     assert vocab.tokens == ["a", "b", "c", "d", UNK]  # counts 2, 2, 1, 1, and <unk> unseen
-    assert Vocabulary.build("d c b a b a".split()).tokens == vocab.tokens
+    assert build_vocabulary("d c b a b a".split()).tokens == vocab.tokens
     assert vocab.encode("a d zebra".split()).tolist() == [0, 3, 4]
     assert vocab.decode(torch.tensor([1, 2])) == ["b", "c"]
 
@@ -48,12 +49,12 @@ def forbid(monkeypatch, name: str, what: str) -> None:
     def fail(*args, **kwargs):
         raise AssertionError(f"{what}: {args[:1]}")
 
-    monkeypatch.setattr(corpus, name, fail)
+    monkeypatch.setattr(preparation, name, fail)
 
 
 def test_a_second_start_opens_the_prepared_ids_without_reading_the_text(tmp_path, monkeypatch):
     folder = write_corpus(tmp_path, {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
-    monkeypatch.setattr(corpus, "TIMESTAMP_SLACK_NS", 0)  # the files are seconds old, not minutes
+    monkeypatch.setattr(preparation, "TIMESTAMP_SLACK_NS", 0)  # the files are seconds old, not minutes
     first = load_corpus(ptb_files(folder), tmp_path / "cache")
     forbid(monkeypatch, "_content_key", "hashed the text again")
     forbid(monkeypatch, "_encode_splits", "tokenised again")
@@ -65,7 +66,7 @@ def test_a_second_start_opens_the_prepared_ids_without_reading_the_text(tmp_path
 
 def test_an_edit_is_seen_even_with_the_same_size_and_the_old_mtime(tmp_path, monkeypatch):
     folder = write_corpus(tmp_path, {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
-    monkeypatch.setattr(corpus, "TIMESTAMP_SLACK_NS", 0)
+    monkeypatch.setattr(preparation, "TIMESTAMP_SLACK_NS", 0)
     load_corpus(ptb_files(folder), tmp_path / "cache")
     train = folder / "ptb.train.txt"
     before = train.stat()
@@ -80,7 +81,7 @@ def test_a_file_changed_within_a_timestamp_tick_of_its_signature_is_hashed_again
     def coarse(path):
         return [path.stat().st_size, path.stat().st_mtime_ns // 10**9 * 10**9, 0, 0, 0]
 
-    monkeypatch.setattr(corpus, "_signature", coarse)
+    monkeypatch.setattr(preparation, "_signature", coarse)
     folder = write_corpus(tmp_path, {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
     second = (folder / "ptb.train.txt").stat().st_mtime_ns // 10**9 * 10**9
     load_corpus(ptb_files(folder), tmp_path / "cache")
@@ -130,25 +131,25 @@ def test_prepared_ids_equal_the_plain_tokeniser_in_pieces_and_processes(
 ):
     # Pieces of 64 bytes and two processes (a file of 4 pieces or more gets one per core) must
     # give the ids of tokenising the whole text line by line: the rule that defines them.
-    monkeypatch.setattr(corpus, "PIECE_BYTES", 64)
-    monkeypatch.setattr(corpus.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(preparation, "PIECE_BYTES", 64)
+    monkeypatch.setattr(preparation.os, "sched_getaffinity", lambda pid: {0, 1})
     folder = tmp_path / "text"
     folder.mkdir()
     lines = [WHITESPACE] + [" ".join(f"w{(i * 7 + j) % 50}" for j in range(i % 9)) for i in range(300)]
     for split in ("train", "valid", "test"):
         (folder / f"ptb.{split}.txt").write_bytes("\n".join(lines).encode())
     tokenizer = Tokenizer(level, lowercase)
-    assert corpus._workers(folder / "ptb.train.txt") == 2
+    assert preparation._workers(folder / "ptb.train.txt") == 2
     prepared = load_corpus(ptb_files(folder), tmp_path / "cache", tokenizer)
     tokens = read_tokens(folder / "ptb.train.txt", tokenizer)
-    vocab = Vocabulary.build(tokens, tokenizer)
+    vocab = build_vocabulary(tokens, tokenizer)
     assert prepared.vocab.tokens == vocab.tokens
     assert prepared.splits["train"].long().tolist() == vocab.encode(tokens).tolist()
     assert prepared.eos["train"] == len(text_lines("\n".join(lines))) == len(lines) + 4  # 4 in line 1
 
 
 def test_a_utf8_error_far_into_a_file_names_its_byte_and_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "PIECE_BYTES", 64)
+    monkeypatch.setattr(preparation, "PIECE_BYTES", 64)
     folder = write_corpus(tmp_path, {"train": ["a b c"] * 100, "valid": ["a"], "test": ["b"]})
     with open(folder / "ptb.train.txt", "ab") as f:
         f.write("café\n".encode("latin-1"))
@@ -187,7 +188,7 @@ def test_a_full_disk_while_caching_is_one_error_and_leaves_no_file(tmp_path, mon
         file.write(b"half")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(corpus, "_write", full_disk)
+    monkeypatch.setattr(preparation, "_write", full_disk)
     message = (
         f"data.cache_dir={tmp_path / 'cache'} cannot hold the token cache (No space left on device): free"
     )

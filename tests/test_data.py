@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lm.data import PTBDataModule, WindowDataset, batchify
+from lm.data.datamodule import PTBDataModule
+from lm.data.windows import WindowDataset, batchify
 from lm.errors import UserError
 from tests.conftest import write_corpus
 

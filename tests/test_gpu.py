@@ -19,9 +19,9 @@ from omegaconf import open_dict
 
 from generate import generate
 from lm import PROJECT_ROOT
-from lm.data import PTBDataModule
-from lm.model import LSTMLanguageModel
-from lm.module import Diverged, LanguageModel
+from lm.data.datamodule import PTBDataModule
+from lm.models.lstm import LSTMNetwork
+from lm.training.module import Diverged, LanguageModel
 from score import score
 from tests.conftest import (
     TINY_RUN,
@@ -155,7 +155,7 @@ def test_cudnn_gives_the_cpus_logits_losses_and_gradients(options, ieee_float32,
 
 def test_weight_drop_on_cudnn_warns_nothing_and_leaves_the_weights_and_their_flat_buffer():
     torch.manual_seed(0)
-    net = LSTMLanguageModel(VOCAB, 32, 2, 0.0, 0.1, weight_drop=0.5).to(CUDA)
+    net = LSTMNetwork(VOCAB, 32, 2, 0.0, 0.1, weight_drop=0.5).to(CUDA)
     weights = [p.detach().clone() for p in net.parameters()]
     # cuDNN's flat buffer: nn.LSTM's weights are views of one storage, which cuDNN reads directly.
     buffers = [{w.untyped_storage().data_ptr() for w in rnn._flat_weights} for rnn in net.rnns]

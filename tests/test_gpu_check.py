@@ -12,9 +12,9 @@ from importlib.machinery import SourceFileLoader
 from pathlib import Path
 
 import pytest
+from lm.training.trainer import cpu_runs_bf16_lstm
 
 from lm import PROJECT_ROOT
-from lm.trainer import cpu_runs_bf16_lstm
 
 SCRIPT = PROJECT_ROOT / "scripts" / "gpu-check"
 
@@ -81,10 +81,12 @@ def test_a_stage_that_fails_overruns_or_raises_is_recorded_and_the_next_one_runs
 
 
 def test_a_benchmark_job_the_machine_cannot_run_is_reported_as_skipped(gpu_check, tmp_path, monkeypatch):
-    def run(check, command, seconds, stdout=None):  # the benchmark sweep's jobs, as lm.bench writes them
+    def run(
+        check, command, seconds, stdout=None
+    ):  # the benchmark sweep's jobs, as lm.tools.bench writes them
         if stdout:
             stdout.write_text(json.dumps({"gpu": None}))
-        if "lm.bench" in command:
+        if "lm.tools.bench" in command:
             sweep = Path(next(c for c in command if c.startswith("hydra.sweep.dir=")).split("=", 1)[1])
             jobs = [(preset, precision) for preset in gpu_check.PRESETS for precision in gpu_check.PRECISIONS]
             for number, (preset, precision) in enumerate(jobs):
@@ -136,5 +138,5 @@ def test_the_large_mode_trains_model_large_alone(gpu_check, tmp_path, monkeypatc
     assert gpu_check.main(["--large", "--dry", str(tmp_path)]) == 1  # no train.py ran: no metrics.json
     trained = [command for command in commands if "train.py" in command]
     assert len(trained) == 1 and {"model=large", "trainer.max_time=00:00:00:03"} <= set(trained[0])
-    assert not any("pytest" in command or "lm.bench" in command for command in commands)
+    assert not any("pytest" in command or "lm.tools.bench" in command for command in commands)
     assert "| model=large | failed | " in (tmp_path / "gpu-check.md").read_text()

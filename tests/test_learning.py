@@ -4,8 +4,8 @@ import random
 
 import lightning as L
 
-from lm.data import PTBDataModule
-from lm.module import LanguageModel
+from lm.data.datamodule import PTBDataModule
+from lm.training.module import LanguageModel
 from tests.conftest import quiet_trainer, write_corpus
 
 # Each line has 8 words; the word at position i is p{i}a or p{i}b, uniformly at random, and

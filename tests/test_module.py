@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm.data import PTBDataModule
-from lm.module import LanguageModel, Perplexity
+from lm.data.datamodule import PTBDataModule
+from lm.training.metrics import Perplexity
+from lm.training.module import LanguageModel
 from tests.conftest import quiet_trainer
 
 
@@ -26,14 +27,14 @@ def tensors(state):
 def test_state_is_carried_detached_reset_each_epoch_and_kept_from_validation(tiny_corpus, tmp_path):
     datamodule, model = tiny_setup(tiny_corpus, tmp_path, batch_size=4, num_steps=10)
     calls = []  # (training?, state in, state out)
-    hidden = model.net.hidden  # what training and evaluation both call
+    hidden = model.net.features  # what training and evaluation both call
 
     def recording_hidden(x, state=None):
         out, new_state = hidden(x, state)
         calls.append((model.training, state, new_state))
         return out, new_state
 
-    model.net.hidden = recording_hidden
+    model.net.features = recording_hidden
     quiet_trainer(max_epochs=2, limit_train_batches=6, limit_val_batches=2, val_check_interval=3).fit(
         model, datamodule=datamodule
     )
@@ -66,7 +67,7 @@ def test_awd_loss_is_the_mean_per_target_plus_activation_regularisation(tiny_cor
     model = LanguageModel(datamodule.vocab_size, hidden_size=8, loss_average="tokens", ar=2.0, tar=1.0)
     datamodule.setup("fit")
     x, y = next(iter(datamodule.train_dataloader()))
-    out, _ = model.net.hidden(x)
+    out, _ = model.net.features(x)
     logits = model.net.decoder(out)
     ar, tar = out.pow(2).mean(), (out[:, 1:] - out[:, :-1]).pow(2).mean()
     expected = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)) + 2 * ar + tar

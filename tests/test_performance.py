@@ -4,10 +4,10 @@ import sys
 
 import lightning as L
 import pytest
-
 from lm.allocator import keep_freed_memory
-from lm.data import PTBDataModule
-from lm.module import LanguageModel, summed_nll
+from lm.data.datamodule import PTBDataModule
+from lm.training.metrics import summed_nll
+from lm.training.module import LanguageModel
 from tests.conftest import quiet_trainer
 
 

@@ -1,4 +1,4 @@
-"""`python -m lm.plot`: per-epoch curves of a run or of every run of a sweep, read from TensorBoard."""
+"""`python -m lm.tools.plot`: per-epoch curves of a run or of every run of a sweep, read from TensorBoard."""
 
 import json
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from lm.plot import epoch_curves, find_runs, run_labels
+from lm.tools.plot import epoch_curves, find_runs, run_labels
 
 
 def test_a_sweep_gives_one_curve_per_run_labelled_by_its_overrides(grid_sweep, tmp_path):
@@ -25,7 +25,7 @@ def test_a_sweep_gives_one_curve_per_run_labelled_by_its_overrides(grid_sweep, t
     command = [
         sys.executable,
         "-m",
-        "lm.plot",
+        "lm.tools.plot",
         str(grid_sweep),
         "--reference",
         "10",
@@ -35,5 +35,7 @@ def test_a_sweep_gives_one_curve_per_run_labelled_by_its_overrides(grid_sweep, t
     assert subprocess.run(command, capture_output=True, text=True).stdout.strip() == str(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    single = subprocess.run([sys.executable, "-m", "lm.plot", str(runs[0])], capture_output=True, text=True)
+    single = subprocess.run(
+        [sys.executable, "-m", "lm.tools.plot", str(runs[0])], capture_output=True, text=True
+    )
     assert single.returncode == 0 and (runs[0] / "curves.png").exists()

@@ -8,10 +8,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-import lm.trainer
-from lm import bench
+import lm.training.trainer
 from lm.errors import Unsupported
-from lm.trainer import check_run_options, cpu_runs_bf16_lstm
+from lm.tools import bench
+from lm.training.trainer import check_run_options, cpu_runs_bf16_lstm
 from tests.conftest import TINY_RUN, compose_config, run_train
 from tests.test_config_checks import refused
 
@@ -23,7 +23,7 @@ REFUSAL = (
 @pytest.fixture
 def no_bf16_lstm(monkeypatch):
     """A CPU without AVX-512 or AMX, as far as the project can tell."""
-    monkeypatch.setattr(lm.trainer, "cpu_runs_bf16_lstm", lambda: False)
+    monkeypatch.setattr(lm.training.trainer, "cpu_runs_bf16_lstm", lambda: False)
 
 
 def test_the_probe_tells_whether_a_bf16_lstm_runs_here():

@@ -4,8 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lm.corpus import EOS, UNK, Tokenizer, Vocabulary
-from lm.data import WindowDataset, batchify
+from lm.data.text import EOS, UNK, Tokenizer
+from lm.data.windows import WindowDataset, batchify
+from tests.conftest import build_vocabulary
 
 # Any word but the special tokens, which a text may use as PTB does ("<unk>" in it is <unk>).
 words = st.text(
@@ -19,7 +20,7 @@ lines = st.lists(st.lists(words, max_size=12).map(" ".join), min_size=1, max_siz
 def test_ids_round_trip_to_the_tokens_of_every_line(text_lines, level, lowercase):
     tokenizer = Tokenizer(level, lowercase)
     tokens = [token for line in text_lines for token in [*tokenizer.tokens(line), EOS]]
-    vocabulary = Vocabulary.build(tokens, tokenizer)
+    vocabulary = build_vocabulary(tokens, tokenizer)
     assert vocabulary.decode(vocabulary.encode(tokens)) == tokens
     joined = tokenizer.join(tokens)
     expected = "".join(

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.corpus import load_corpus
+from lm.data.prepared import load_corpus
+from lm.data.ptb import MD5, _md5, ensure_ptb, ptb_files
 from lm.errors import UserError
-from lm.ptb import MD5, _md5, ensure_ptb, ptb_files
 from tests.conftest import run_train, write_corpus
 
 

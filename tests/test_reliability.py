@@ -8,11 +8,11 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lm.checkpointing import TrainingCheckpoint
-from lm.data import PTBDataModule
+from lm.data.datamodule import PTBDataModule
 from lm.errors import UserError
-from lm.module import LanguageModel
-from lm.resume import prepare_run_folder
+from lm.training.module import LanguageModel
+from lm.training.run_folder import prepare_run_folder
+from lm.training.safe_stop import TrainingCheckpoint
 from tests.conftest import TINY_RUN, quiet_trainer, run_script, run_train, write_corpus, write_tiny_corpus
 
 # Dropout on, so that only a restored random state can give the same numbers.

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from lm import PROJECT_ROOT
 from lm.errors import UserError
-from lm.resume import LOCK_FILE, claim_run_folder, prepare_run_folder
+from lm.training.run_folder import LOCK_FILE, claim_run_folder, prepare_run_folder
 from tests.conftest import TINY_RUN, run_train
 
 NEW = OmegaConf.create({"resume": None, "overwrite": False})
@@ -60,7 +60,7 @@ def live_run():
     def start(folder: Path, claim: str = "prepare_run_folder(NEW, folder)") -> subprocess.Popen:
         code = (
             "import sys, time; from pathlib import Path; from omegaconf import OmegaConf; "
-            "from lm.resume import claim_sweep_folder, prepare_run_folder; "
+            "from lm.training.run_folder import claim_sweep_folder, prepare_run_folder; "
             "NEW = OmegaConf.create({'resume': None, 'overwrite': False}); folder = Path(sys.argv[1]); "
             f"{claim}; print('held', flush=True); time.sleep(600)"
         )

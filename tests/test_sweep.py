@@ -75,7 +75,7 @@ def test_a_run_that_diverges_or_fails_is_a_bad_value_and_the_sweep_goes_on(tiny_
         "-m",
         *TINY_RUN,
         "model.lr=3e38,1.0",
-        "model._target_=lm.module.LanguageModel,lm.module.Missing",
+        "model._target_=lm.training.module.LanguageModel,lm.training.module.Missing",
         f"data.dir={tiny_corpus}",
         f"data.cache_dir={tmp_path / 'cache'}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
@@ -86,12 +86,14 @@ def test_a_run_that_diverges_or_fails_is_a_bad_value_and_the_sweep_goes_on(tiny_
     )
     assert (diverged["status"], diverged["val_ppl"], diverged["test_ppl"]) == ("diverged", None, None)
     assert diverged["error"] == "the training loss is not finite at step 1 (epoch 1, lr 3e+38)"
-    assert failed["status"] == "failed" and "lm.module.Missing" in failed["error"]
+    assert failed["status"] == "failed" and "lm.training.module.Missing" in failed["error"]
     assert completed["status"] == "completed" and completed["val_ppl"] > 0
     assert "This run failed; the sweep goes on with val_ppl=inf for it." in result.stdout
 
     table = tmp_path / "sweep.csv"
-    report = subprocess.run([sys.executable, "-m", "lm.report", str(tmp_path / "sweep"), "--csv", str(table)])
+    report = subprocess.run(
+        [sys.executable, "-m", "lm.tools.report", str(tmp_path / "sweep"), "--csv", str(table)]
+    )
     assert report.returncode == 0
     rows = [(row["run"], row["status"]) for row in csv.DictReader(table.open())]
     assert rows == [("2", "completed"), ("0", "diverged"), ("1", "failed"), ("3", "failed")]
@@ -140,7 +142,7 @@ def test_the_report_ranks_the_runs_and_writes_markdown_csv_and_curves(optuna_swe
         "--csv": tmp_path / "sweep.csv",
         "--plot": tmp_path / "val.png",
     }
-    command = [sys.executable, "-m", "lm.report", str(optuna_sweep)]
+    command = [sys.executable, "-m", "lm.tools.report", str(optuna_sweep)]
     for option, path in outputs.items():
         command += [option, str(path)]
     report = subprocess.run(command, capture_output=True, text=True)

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lm.corpus import EOS, UNK, Tokenizer, Vocabulary
-from lm.data import TextDataModule
+from lm.data.datamodule import TextDataModule
+from lm.data.text import EOS, UNK, Tokenizer
+from lm.data.vocabulary import Vocabulary
 from lm.errors import UserError
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lm.ptb import MD5
+from lm.data.ptb import MD5
 from tests.conftest import TINY_RUN, run_train, write_corpus
 from tests.test_ptb import make_archive
 

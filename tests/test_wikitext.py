@@ -16,17 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm.corpus import Tokenizer, read_tokens
+from lm.data.text import Tokenizer
+from lm.data.wikitext import DATASETS, check_published_counts, count_tokens, ensure_wikitext, wikitext_files
 from lm.errors import UserError
-from lm.trainer import trainer_arguments
-from lm.wikitext import (
-    DATASETS,
-    check_published_counts,
-    count_tokens,
-    ensure_wikitext,
-    wikitext_files,
-)
-from tests.conftest import compose_config, run_train
+from lm.training.trainer import trainer_arguments
+from tests.conftest import compose_config, read_tokens, run_train
 
 SPLITS = ("train", "valid", "test")
 NAMES = ["wiki.test.tokens", "wiki.train.tokens", "wiki.valid.tokens"]
@@ -280,7 +274,7 @@ WORDS = Tokenizer()
 def check(caplog, tokens=REAL.tokens, types=REAL.types, tokenizer=WORDS, min_count=1, max_vocab=None):
     files = wikitext_files(Path("/data/wt2"))
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="lm.wikitext"):
+    with caplog.at_level(logging.INFO, logger="lm.data.wikitext"):
         check_published_counts("wikitext2", files, dict(tokens), types, tokenizer, min_count, max_vocab)
     return [record.getMessage() for record in caplog.records]
 
@@ -319,7 +313,7 @@ def test_characters_are_not_checked(caplog):
 def test_the_data_module_reads_the_download_with_the_published_counts(
     server, corpus, published, tmp_path, caplog
 ):
-    from lm.data import WikiTextDataModule
+    from lm.data.datamodule import WikiTextDataModule
 
     url = serve(server, "full.zip", corpus)
     module = WikiTextDataModule(str(tmp_path / "data"), str(tmp_path / "cache"), name="wikitext2", url=url)
@@ -385,7 +379,7 @@ def test_the_configs_compose(monkeypatch):
     monkeypatch.delenv("WIKITEXT103_DIR", raising=False)
     for name in ("wikitext2", "wikitext103"):
         cfg = compose_config(f"data={name}")
-        assert cfg.data._target_ == "lm.data.WikiTextDataModule"
+        assert cfg.data._target_ == "lm.data.datamodule.WikiTextDataModule"
         assert cfg.data.name == name
         assert cfg.data.url == DATASETS[name].url
         assert cfg.data.dir.endswith("/data/wikitext-2" if name == "wikitext2" else "/data/wikitext-103")

@@ -2,13 +2,11 @@
 
 import hashlib
 import logging
-import os
 import shutil
 import tarfile
-import tempfile
-import urllib.request
 from pathlib import Path
 
+from lm.data.download import fetch, keep, scratch_folder
 from lm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,21 +49,13 @@ def ensure_ptb(data_dir: Path, url: str = URL) -> dict[str, Path]:
 def _download(splits: list[str], files: dict[str, Path], url: str) -> None:
     data_dir = files[splits[0]].parent
     wanted = ", ".join(files[split].name for split in splits)
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.TemporaryDirectory(dir=data_dir)
-    except OSError as error:
-        raise UserError(
-            f"PTB files missing ({wanted}) and {data_dir} is not writable ({error.strerror}). "
-            "Set data.dir=PATH or PTB_DIR to a folder holding ptb.{train,valid,test}.txt."
-        ) from error
-    log.info("Downloading %s from %s into %s", wanted, url, data_dir)
-    with tmp:
-        archive = Path(tmp.name) / "simple-examples.tgz"
+    fix = "Set data.dir=PATH or PTB_DIR to a folder holding ptb.{train,valid,test}.txt."
+    with scratch_folder(data_dir, f"PTB files missing ({wanted})", fix) as scratch:
+        log.info("Downloading %s from %s into %s", wanted, url, data_dir)
+        archive = scratch / "simple-examples.tgz"
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
-                shutil.copyfileobj(response, f)
-            members = _extract(archive, splits, files, Path(tmp.name))
+            fetch(url, archive)
+            members = _extract(archive, splits, files, scratch)
         except (OSError, tarfile.TarError) as error:
             raise UserError(
                 f"PTB files missing in {data_dir} ({wanted}) and the download from {url} failed "
@@ -78,8 +68,8 @@ def _download(splits: list[str], files: dict[str, Path], url: str) -> None:
                     f"Downloaded {files[split].name} from {url} fails its MD5 check (expected "
                     f"{MD5[split]}); it was not kept. Retry, or put the canonical files in {data_dir}."
                 )
-        for split, extracted in members.items():
-            os.replace(extracted, files[split])
+        for path in keep(members, files):
+            log.warning("%s appeared during the download; kept it, not the downloaded one.", path)
 
 
 def _extract(archive: Path, splits: list[str], files: dict[str, Path], into: Path) -> dict[str, Path]:

@@ -1,7 +1,7 @@
 """Learning curves from the TensorBoard event files of a run or of a whole sweep.
 
-python -m lm.plot outputs/2026-11-29/16-05-00 --reference 114.5 --out curves.png
-python -m lm.plot outputs/multirun/2026-11-29/16-05-00          # one line per run
+python -m lm.tools.plot outputs/2026-11-29/16-05-00 --reference 114.5 --out curves.png
+python -m lm.tools.plot outputs/multirun/2026-11-29/16-05-00          # one line per run
 """
 
 import argparse

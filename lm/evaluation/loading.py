@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from lm.checkpointing import unsafe_checkpoint
 from lm.errors import UserError
-from lm.module import LanguageModel
+from lm.training.checkpoint import unsafe_checkpoint
+from lm.training.module import LanguageModel
 
 
 def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> LanguageModel:

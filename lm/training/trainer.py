@@ -2,6 +2,7 @@
 
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ProgressBar
-
-# Private, but the one way to tell that `ddp` will re-run the command line; a test fails if it moves.
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
-from lm.checkpointing import read_checkpoint
 from lm.errors import Unsupported, UserError, check_rules
+from lm.training.checkpoint import read_checkpoint
+from lm.training.lightning_private import relaunches_the_command_line
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ def trainer_arguments(trainer_cfg: DictConfig) -> dict[str, Any]:
     """
     arguments = OmegaConf.to_container(trainer_cfg, resolve=True)
     if SLURMEnvironment.detect() and not arguments.get("plugins"):
-        # lm.checkpointing saves and requeues at a safe point; Lightning's auto-requeue would save
+        # lm.training.safe_stop saves and requeues at a safe point; Lightning's auto-requeue would save
         # inside its signal handler, wherever the signal interrupted the step.
         arguments["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     gpus = arguments.pop("gpus", None)
@@ -71,6 +70,12 @@ def check_run_options(cfg: DictConfig) -> None:
     }
     trainer = cfg.trainer
     check_precision(trainer)
+    if trainer.use_distributed_sampler is not False:  # docs/design.md, "Many devices"
+        raise UserError(
+            f"trainer.use_distributed_sampler={trainer.use_distributed_sampler} would let Lightning re-split "
+            "and reorder the windows, which each rank reads in order from its own streams: set "
+            "trainer.use_distributed_sampler=false."
+        )
     check_rules(
         "trainer",
         [(key, trainer[key], valid(trainer[key]), allowed) for key, (valid, allowed) in rules.items()],
@@ -142,7 +147,7 @@ def _refuse_to_relaunch_a_sweep(trainer: L.Trainer) -> None:
     torchrun) the processes already exist, so nothing is relaunched."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
-    relaunches = isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.world_size > 1
+    relaunches = relaunches_the_command_line(trainer)
     if relaunches and not trainer.strategy.cluster_environment.creates_processes_externally:
         raise UserError(
             f"A Hydra sweep (-m) cannot train on {trainer.world_size} processes with Lightning's ddp "
@@ -150,6 +155,21 @@ def _refuse_to_relaunch_a_sweep(trainer: L.Trainer) -> None:
             "sweep. Add trainer.strategy=ddp_spawn, sweep on a cluster with hydra/launcher=slurm, or "
             "train each configuration without -m."
         )
+
+
+def slurm_job() -> str | None:
+    """This SLURM job (an array's element as `<job>_<task>`), which keeps its id when requeued."""
+    if not SLURMEnvironment.detect():
+        return None
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def is_logging_step(trainer: L.Trainer, steps: int) -> bool:
+    """Whether the step that brings training to `steps` steps is one after which the logs are written
+    (every `trainer.log_every_n_steps`): the steps that read values back from the device anyway."""
+    return steps % trainer.log_every_n_steps == 0
 
 
 def recover_training_state(trainer: L.Trainer) -> None:

@@ -2,18 +2,16 @@
 
 import http.client
 import logging
-import os
 import shutil
-import tempfile
-import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from lm.corpus import PIECE_BYTES, Tokenizer, text_pieces
+from lm.data.download import fetch, keep, scratch_folder
+from lm.data.ptb import SPLITS
+from lm.data.text import PIECE_BYTES, Tokenizer, text_pieces
 from lm.errors import UserError
-from lm.ptb import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +74,7 @@ def ensure_wikitext(data_dir: Path, name: str, url: str) -> dict[str, Path]:
 
 
 def count_tokens(path: Path, piece_bytes: int = PIECE_BYTES) -> int:
-    """Tokens of a UTF-8 file as `lm.corpus.read_tokens` gives them at word level, `<eos>` included,
+    """Tokens of a UTF-8 file as `lm.data.text.text_tokens` gives them at word level, `<eos>` included,
     read in pieces of whole lines: the words of a piece are its lines' words, a line break being
     whitespace to str.split, and each line (the last one too, ended or not) adds an `<eos>`."""
     pieces = text_pieces(path, piece_bytes=piece_bytes)
@@ -126,20 +124,12 @@ def _download(info: WikiText, splits: list[str], files: dict[str, Path], url: st
     data_dir = files[splits[0]].parent
     wanted = ", ".join(files[split].name for split in splits)
     names = "wiki.train.tokens, wiki.valid.tokens and wiki.test.tokens"
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.TemporaryDirectory(dir=data_dir)
-    except OSError as error:
-        raise UserError(
-            f"{info.title} files missing ({wanted}) and data.dir={data_dir} is not writable "
-            f"({error.strerror or error}). Set data.dir=PATH to a folder holding {names}."
-        ) from error
-    log.info("Downloading %s of %s from %s into %s", wanted, info.title, url, data_dir)
-    with tmp:  # removed whatever happens: only files that passed every check leave it
-        archive = Path(tmp.name) / "wikitext.zip"
+    fix = f"Set data.dir=PATH to a folder holding {names}."
+    with scratch_folder(data_dir, f"{info.title} files missing ({wanted})", fix) as scratch:
+        log.info("Downloading %s of %s from %s into %s", wanted, info.title, url, data_dir)
+        archive = scratch / "wikitext.zip"
         try:
-            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as f:
-                shutil.copyfileobj(response, f)
+            fetch(url, archive)
         except (OSError, http.client.HTTPException, ValueError) as error:  # URLError is an OSError
             raise UserError(
                 f"{info.title} files missing in data.dir={data_dir} ({wanted}) and the download from "
@@ -147,7 +137,7 @@ def _download(info: WikiText, splits: list[str], files: dict[str, Path], url: st
                 "data.url to a copy of the zip you can reach."
             ) from error
         try:
-            extracted = _extract(archive, info, splits, files, Path(tmp.name))
+            extracted = _extract(archive, info, splits, files, scratch)
         except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as error:
             raise UserError(
                 f"The download from data.url={url} is not a complete {info.title} zip ({error}); nothing "
@@ -171,11 +161,8 @@ def _download(info: WikiText, splits: list[str], files: dict[str, Path], url: st
                     f"{info.title}: it {what}, the published one {info.tokens[split]}. It was not kept "
                     f"in data.dir={data_dir}; retry, or put the published {names} there yourself."
                 )
-        for split, path in extracted.items():
-            if files[split].exists():  # appeared while downloading: the user's file wins
-                log.warning("%s appeared during the download; kept it, not the downloaded one.", files[split])
-                continue
-            os.replace(path, files[split])
+        for path in keep(extracted, files):
+            log.warning("%s appeared during the download; kept it, not the downloaded one.", path)
 
 
 def _extract(

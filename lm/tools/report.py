@@ -1,9 +1,9 @@
 """A sweep's runs side by side, the best first: training runs by validation perplexity, evaluations
 (`python evaluate.py -m ...`, one evaluation.json per run) by the perplexity they measured.
 
-python -m lm.report outputs/multirun/2026-11-29/16-05-00
-python -m lm.report SWEEP --markdown sweep.md --csv sweep.csv --plot val_curves.png
-python -m lm.report outputs/evaluate/multirun/2026-12-02/10-30-00
+python -m lm.tools.report outputs/multirun/2026-11-29/16-05-00
+python -m lm.tools.report SWEEP --markdown sweep.md --csv sweep.csv --plot val_curves.png
+python -m lm.tools.report outputs/evaluate/multirun/2026-12-02/10-30-00
 """
 
 import argparse
@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from lm.plot import plot, run_labels, sort_runs
+from lm.tools.plot import plot, run_labels, sort_runs
 
 TRAINING_COLUMNS = (
     "run",

@@ -1,8 +1,8 @@
 """Speed of the project's training and evaluation against a plain PyTorch loop and the machine.
 
-    python -m lm.bench                        # small preset: each path trains one full epoch
-    python -m lm.bench model=medium trainer.gpus=1 bench.train_steps=400
-    python -m lm.bench -m model=small,medium,large trainer.precision=32-true,bf16-mixed   # one process
+    python -m lm.tools.bench                        # small preset: each path trains one full epoch
+    python -m lm.tools.bench model=medium trainer.gpus=1 bench.train_steps=400
+    python -m lm.tools.bench -m model=small,medium,large trainer.precision=32-true,bf16-mixed   # one process
 
 Prints a table and writes bench.json into the run folder. Every figure comes from this one
 process, after a warm-up; the two training paths alternate in `bench.rounds` stretches, so a
@@ -22,15 +22,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
 from lm.allocator import keep_freed_memory
-from lm.callbacks import TokensPerSecond
-from lm.dynamic_eval import DynamicEvaluation
 from lm.errors import Unsupported
-from lm.model import map_state
-from lm.scoring import score_stream
-from lm.trainer import build_trainer, check_precision
+from lm.evaluation.dynamic_eval import DynamicEvaluation
+from lm.evaluation.scoring import score_stream
+from lm.models.network import map_state
+from lm.training.throughput import TokensPerSecond
+from lm.training.trainer import build_trainer, check_precision
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("bench")
 
@@ -83,7 +82,7 @@ class PlainLoop:
         for _ in range(steps):
             x, y = (t.to(self.device, non_blocking=True) for t in next(windows))
             with torch.autocast(self.device.type, self.autocast_dtype, self.autocast_dtype is not None):
-                out, state = self.net.hidden(x, state)
+                out, state = self.net.features(x, state)
                 log_probs = self.net.target_log_probs(self.net.drop_output(out), y)  # any softmax
                 loss = -log_probs.sum() / x.size(0)
             state = map_state(torch.Tensor.detach, state)
@@ -165,7 +164,7 @@ def timed_evaluation(trainer_cfg: DictConfig, model, datamodule) -> dict[str, fl
     }
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
 def main(cfg: DictConfig) -> dict:
     """In a sweep (-m), a job that fails writes its error to its bench.json and the sweep goes on,
     as train.py's runs do: one preset that fails must not cost the others' figures. A job this

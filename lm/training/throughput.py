@@ -4,6 +4,8 @@ import time
 
 import lightning as L
 
+from lm.training.trainer import is_logging_step
+
 
 class TokensPerSecond(L.Callback):
     """Logs train tokens/s every `log_every_n_steps` and per epoch, validation time excluded.
@@ -63,7 +65,7 @@ class TokensPerSecond(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
     ) -> None:
         self.total_tokens += batch[0].numel() * trainer.world_size  # a batch holds one rank's rows
-        if trainer.global_step % trainer.log_every_n_steps == 0:
+        if is_logging_step(trainer, trainer.global_step):
             self._interval_start = self._log_rate(
                 trainer, "throughput/train_tokens_per_sec", self._interval_start
             )

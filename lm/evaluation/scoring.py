@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lm.cache import NeuralCache
-from lm.corpus import EOS, Vocabulary, text_tokens
-from lm.data import WindowDataset
-from lm.dynamic_eval import DynamicEvaluation
-from lm.model import LSTMLanguageModel, map_state
+from lm.data.text import EOS, text_tokens
+from lm.data.vocabulary import Vocabulary
+from lm.data.windows import WindowDataset
+from lm.evaluation.cache import NeuralCache
+from lm.evaluation.dynamic_eval import DynamicEvaluation
+from lm.models.network import Network, map_state
 
 
 def stream_pieces(ids: torch.Tensor, length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -51,7 +52,7 @@ class Scores:
 
 
 def score_stream(
-    net: LSTMLanguageModel,
+    net: Network,
     ids: torch.Tensor,
     device: torch.device,
     chunk_length: int = 200,
@@ -71,7 +72,7 @@ def score_stream(
     with dynamic.adapting() if dynamic else torch.no_grad():
         for x, y in stream_pieces(ids, length):
             x, y = x.to(device), y.to(device)
-            features, state = net.hidden(x, state)
+            features, state = net.features(x, state)
             state = map_state(torch.Tensor.detach, state)
             if cache is None:  # the targets' log-probabilities only (the adaptive softmax's clusters)
                 target_log_probs, best = net.evaluate_targets(features, y)
@@ -90,7 +91,7 @@ def score_stream(
 
 
 def line_log_probs(
-    net: LSTMLanguageModel, vocabulary: Vocabulary, lines: list[str], carry_state: bool, device: torch.device
+    net: Network, vocabulary: Vocabulary, lines: list[str], carry_state: bool, device: torch.device
 ) -> list[tuple[int, float]]:
     """(targets, natural-log probability) of each line: its tokens and its `<eos>`, read after an
     `<eos>`. With `carry_state` the lines are one stream and their sum is the log-probability of

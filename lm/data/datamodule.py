@@ -1,4 +1,5 @@
-"""A corpus as contiguous streams read in `num_steps` windows (design.md, "Data" and "Many devices")."""
+"""The corpora as LightningDataModules: each rank reads its own contiguous rows of every split, in
+order (docs/design.md, "Data" and "Many devices"). The one module of lm/data that imports Lightning."""
 
 import logging
 import warnings
@@ -7,71 +8,21 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from lm.corpus import Corpus, Tokenizer, Vocabulary, load_corpus
+from lm.data.prepared import Corpus, load_corpus
+from lm.data.ptb import SPLITS, URL, ensure_ptb
+from lm.data.text import Tokenizer
+from lm.data.vocabulary import Vocabulary
+from lm.data.wikitext import check_published_counts, ensure_wikitext, wikitext_files
+from lm.data.windows import InOrder, WindowDataset, batchify, variable_lengths
 from lm.errors import UserError
-from lm.ptb import SPLITS, URL, ensure_ptb
-from lm.wikitext import check_published_counts, ensure_wikitext, wikitext_files
 
 log = logging.getLogger(__name__)
 # The windows of a resumed epoch go on where Lightning's restored progress says (`resumed_position`);
 # Lightning cannot see that from the loader and would warn that it is not resumable (the warning,
 # and only it, is silenced).
 warnings.filterwarnings("ignore", message="You.re resuming from a checkpoint that ended before the epoch")
-
-
-def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(batch_size, tokens_per_stream): row b is the b-th contiguous slice of the text."""
-    tokens_per_stream = len(ids) // batch_size
-    return ids[: batch_size * tokens_per_stream].view(batch_size, tokens_per_stream)
-
-
-class WindowDataset(Dataset):
-    """Window i of the streams: x = streams[:, start:end] and y = x shifted by one token.
-
-    Windows of `num_steps`, or of the given `lengths` in order (variable windows), each starting
-    where the last one ended. Training keeps only full windows; evaluation also takes the last,
-    shorter one so that every target of the split is scored exactly once.
-    """
-
-    def __init__(
-        self,
-        streams: torch.Tensor,
-        num_steps: int,
-        full_windows_only: bool,
-        lengths: list[int] | None = None,
-    ):
-        self.streams = streams
-        targets = streams.size(1) - 1
-        if lengths is None:
-            lengths = [num_steps] * (targets // num_steps if full_windows_only else -(-targets // num_steps))
-        ends = torch.tensor(lengths, dtype=torch.long).cumsum(0).clamp(max=targets).tolist()
-        self.bounds = [(start, end) for start, end in zip([0, *ends][:-1], ends, strict=True) if end > start]
-
-    def __len__(self) -> int:
-        return len(self.bounds)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < len(self.bounds):
-            raise IndexError(i)
-        start, end = self.bounds[i]  # int64 for the embedding; the streams may be memory-mapped uint16
-        return self.streams[:, start:end].long(), self.streams[:, start + 1 : end + 1].long()
-
-
-def variable_lengths(targets: int, num_steps: int, generator: torch.Generator) -> list[int]:
-    """AWD-LSTM's window lengths (Merity et al. 2017), drawn until `targets` are covered.
-
-    Mostly about num_steps, one in twenty about half of it, so that windows start at every
-    offset from epoch to epoch: length = max(5, int(N(base, 5))), at most num_steps + 20.
-    """
-    lengths, covered = [], 0
-    while covered < targets:
-        base = num_steps if torch.rand(1, generator=generator).item() < 0.95 else num_steps / 2
-        length = max(5, int(torch.normal(base, 5.0, (1,), generator=generator).item()))
-        lengths.append(min(length, num_steps + 20, targets - covered))
-        covered += lengths[-1]
-    return lengths
 
 
 def resumed_position(trainer: L.Trainer, windows_per_epoch: int) -> int:
@@ -91,21 +42,6 @@ def resumed_position(trainer: L.Trainer, windows_per_epoch: int) -> int:
         return 0
     done = loop.epoch_loop.batch_progress.current.processed  # trained on, whether or not saved after it
     return done if done < windows_per_epoch else 0
-
-
-class InOrder(Sampler[int]):
-    """Window indices in order; the first pass starts at `start` (a resumed epoch), later ones at 0."""
-
-    def __init__(self, num_windows: int):
-        self.num_windows = num_windows
-        self.start = 0
-
-    def __len__(self) -> int:
-        return self.num_windows  # Lightning counts the epoch's batches from its own restored progress
-
-    def __iter__(self):
-        start, self.start = self.start, 0
-        return iter(range(start, self.num_windows))
 
 
 class TextDataModule(L.LightningDataModule):
@@ -205,22 +141,7 @@ class TextDataModule(L.LightningDataModule):
     def vocabulary(self) -> Vocabulary:
         return self.corpus.vocab
 
-    def prepare_data(self) -> None:
-        """Download, verify and cache on one process per node before the others read the corpus.
-
-        (train.py reads `vocab_size` first, which already did it.)
-        """
-        self.corpus  # noqa: B018 (the property does the work)
-
     def setup(self, stage: str) -> None:
-        # Private, but the Trainer's only record of the option: Lightning's sampler would re-split the
-        # rows' windows among the ranks and, with several processes, read each rank's in another order.
-        if self.trainer and self.trainer._accelerator_connector.use_distributed_sampler:
-            raise UserError(
-                "trainer.use_distributed_sampler=true would let Lightning re-split and reorder the "
-                "windows, which each rank reads in order from its own streams: set "
-                "trainer.use_distributed_sampler=false."
-            )
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sizes = {
             "train": (self.batch_size, self.num_steps, "data.batch_size", "data.num_steps"),

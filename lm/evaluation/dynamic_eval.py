@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.data import WindowDataset, batchify
+from lm.data.windows import WindowDataset, batchify
 from lm.errors import UserError, check_rules
-from lm.model import map_state
+from lm.models.network import map_state
 
 METHODS = ("sgd", "rms")
 RMS_OPTIONS = ("eps", "stats_batches", "stats_batch_size", "stats_num_steps")  # unused by sgd

@@ -1,61 +1,35 @@
-"""When a checkpoint may be written, and what it holds (design.md, "Interruptions").
+"""When a checkpoint may be written: signals, safe points and `last.ckpt` (docs/design.md,
+"Interruptions"; what a checkpoint holds is lm/training/checkpoint.py's).
 
 One callback owns it. A signal (SIGTERM, SIGUSR1; on SLURM too) only sets a flag. A checkpoint is
 written at a safe point only, where everything it holds agrees:
 - after a complete training step that neither ends the epoch nor is followed by a validation;
 - after an epoch's end: its validation, the module's epoch-end hook and the best checkpoint are
-  done, and the learning rate of the next epoch follows from the epoch counter alone (lm/module.py).
+  done, and the learning rate of the next epoch follows from the epoch counter alone
+  (lm/training/module.py).
 Never inside a signal handler, never during validation or the test. `last.ckpt` is rewritten at
 every epoch end and at every stop, through a temporary file in the same folder and a rename, so
 that no kill leaves it truncated.
-
-What a checkpoint holds besides Lightning's weights, optimiser and loop counters: the module's
-carried LSTM state, averaged weights, metric sums and vocabulary (`LanguageModel.on_save_checkpoint`),
-the random generators (here: Lightning leaves them out, and without them a resumed run draws other
-dropout masks), and the best scores (`BestCheckpoint`).
 """
 
 import logging
 import os
-import pickle
-import random
-import re
 import signal
 import subprocess
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 
-from lm.errors import UserError
+from lm.training.checkpoint import random_state, restore_random_state
+from lm.training.lightning_private import step_is_followed_by_more_than_a_step, write_step_logs
+from lm.training.trainer import is_logging_step, slurm_job
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def read_checkpoint(path: Path, key: str) -> dict:
-    """A checkpoint's contents, unpickled by `torch.load(weights_only=True)`: tensors and plain values
-    only, which is all the project writes, so that a checkpoint someone handed over cannot run code.
-    `key` names the option that gave the path (resume, ckpt_path) in the one-line refusal."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise unsafe_checkpoint(path, key, error) from None
-
-
-def unsafe_checkpoint(path: Path, key: str, error: Exception) -> UserError:
-    """The refusal of a checkpoint that holds more than tensors and plain values (torch's own
-    message is a page long); what it holds is named when torch says."""
-    found = re.search(r"GLOBAL (\S+)", str(error))
-    what = f"a reference to {found.group(1)}" if found else "an object"
-    return UserError(
-        f"{key}={path} holds {what}, not only tensors and plain values, and unpickling it could run code: "
-        "it was not opened. Use a checkpoint written by this project's train.py, from a source you trust."
-    )
 
 
 class Stopped(Exception):
@@ -129,25 +103,14 @@ class TrainingCheckpoint(Checkpoint):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
-        epoch_loop = trainer.fit_loop.epoch_loop
-        # Private, but the loop's own answers to "does a validation follow this step" (a checkpoint
-        # taken before it would resume past a validation that never ran) and "are gradients being
-        # accumulated" (they are not in a checkpoint).
-        validation_follows = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
-        if (
-            epoch_loop.batch_progress.is_last_batch
-            or validation_follows
-            or epoch_loop._is_training_done
-            or epoch_loop._should_accumulate()
-        ):
+        if step_is_followed_by_more_than_a_step(trainer):
             return  # the epoch's end, the validation or the step comes first; the flag waits for it
-        if trainer.world_size > 1 and (trainer.global_step % trainer.log_every_n_steps):
+        if trainer.world_size > 1 and not is_logging_step(trainer, trainer.global_step):
             return
         if self._stop_requested(trainer):
             pl_module.check_weights_finite()  # on a GPU the loss is checked on logging steps only
             self._save_last(trainer)
-            # This step's logged values: Lightning writes them after this hook, which the stop skips.
-            trainer._logger_connector.update_train_step_metrics()
+            write_step_logs(trainer)
             self._stop(trainer, f"at step {trainer.global_step} (epoch {trainer.current_epoch + 1})")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -177,9 +140,7 @@ class TrainingCheckpoint(Checkpoint):
         raise Stopped(reason)
 
     def _requeue(self) -> str:
-        job = os.environ["SLURM_JOB_ID"]
-        if "SLURM_ARRAY_JOB_ID" in os.environ:
-            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        job = slurm_job()
         try:
             result = subprocess.run([*self.requeue_command.split(), job], capture_output=True, text=True)
         except OSError as error:  # no scontrol on this node's PATH
@@ -212,46 +173,7 @@ class TrainingCheckpoint(Checkpoint):
         self._validation_metrics = checkpoint.get("validation_metrics", {})
 
     def state_dict(self) -> dict:
-        # Tensors and plain values only, which torch.load(weights_only=True) accepts.
-        name, keys, position, has_gauss, gauss = np.random.get_state()
-        state = {
-            "torch": torch.get_rng_state(),
-            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
-            "python": random.getstate(),
-        }
-        if torch.cuda.is_initialized():  # this process's GPU; every rank starts from the same seed
-            state["cuda"] = torch.cuda.get_rng_state()
-        return state
+        return random_state()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        torch.set_rng_state(state_dict["torch"])
-        name, keys, position, has_gauss, gauss = state_dict["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-        random.setstate(state_dict["python"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state_dict["cuda"])
-
-
-class BestCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose best scores survive a moved run folder.
-
-    Lightning drops them when the saved `dirpath` differs from today's, and then writes a best
-    checkpoint over a better one; the paths are rebased onto the folder the run is in now.
-    """
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        then, now = state_dict.get("dirpath"), self.dirpath
-        if then and now and then != now:
-
-            def moved(path: str) -> str:
-                return os.path.join(now, os.path.relpath(path, then)) if path else path
-
-            state_dict = {
-                **state_dict,
-                "dirpath": now,
-                "best_model_path": moved(state_dict["best_model_path"]),
-                "kth_best_model_path": moved(state_dict.get("kth_best_model_path", "")),
-                "last_model_path": moved(state_dict.get("last_model_path", "")),
-                "best_k_models": {moved(p): v for p, v in state_dict.get("best_k_models", {}).items()},
-            }
-        super().load_state_dict(state_dict)
+        restore_random_state(state_dict)

@@ -2,12 +2,12 @@
 
 import torch
 
-from lm.model import LSTMLanguageModel
+from lm.models.network import Network
 
 
 @torch.no_grad()
 def sample(
-    net: LSTMLanguageModel,
+    net: Network,
     prompt: torch.Tensor,
     num_words: int,
     num_samples: int = 1,

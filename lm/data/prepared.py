@@ -1,9 +1,9 @@
-"""Tokens, vocabulary and the prepared, memory-mapped token ids of a text corpus (design.md, "Data").
+"""A corpus prepared once into memory-mapped token ids (docs/data.md, "Large corpora").
 
-A corpus is prepared once: its files are read in pieces of whole lines, the training split's
-words counted and every split's ids written to a flat file of uint16 (or uint32, for a
-vocabulary above 65,536 types). Later starts map those files into memory; nothing is tokenised
-again, and no process reads more of them than the rows it trains on.
+Its files are read in pieces of whole lines, the training split's words counted and every split's
+ids written to a flat file of uint16 (or uint32, for a vocabulary above 65,536 types). Later starts
+map those files into memory; nothing is tokenised again, and no process reads more of them than
+the rows it trains on.
 """
 
 import errno
@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,220 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lm.data.text import EOS, PIECE_BYTES, Tokenizer, line_ranges, text_pieces
+from lm.data.vocabulary import Vocabulary
 from lm.errors import UserError
 
 log = logging.getLogger(__name__)
 
-EOS = "<eos>"
-UNK = "<unk>"
 CACHE_FORMAT = 4  # bump when tokenisation, the vocabulary order or the prepared files change
-PIECE_BYTES = 1 << 24  # text read and tokenised at a time: memory stays flat whatever the corpus size
 # A file's stat signature is trusted only once it is this much older than the moment it was taken:
 # a file system with coarse timestamps (FAT: 2 s) could otherwise hide a rewrite in the same tick.
 TIMESTAMP_SLACK_NS = 3_000_000_000
-
-
-@dataclass(frozen=True)
-class Tokenizer:
-    """How a line of text becomes tokens: words split on whitespace, or characters (a space is one).
-
-    Every line is closed by `<eos>`; it travels with the vocabulary in checkpoints.
-    """
-
-    level: str = "word"
-    lowercase: bool = False
-
-    def __post_init__(self) -> None:
-        if self.level not in ("word", "char"):
-            raise UserError(f"data.level={self.level!r} is not a tokenisation level; use word or char.")
-
-    def tokens(self, line: str) -> list[str]:
-        words = (line.lower() if self.lowercase else line).split()
-        return words if self.level == "word" else list(" ".join(words))
-
-    def piece_tokens(self, text: str) -> list[str]:
-        """The tokens of whole lines ended by \\n (the last one may lack it), `<eos>` closing each.
-
-        The same tokens as `tokens` line by line, `<eos>` appended; for words, in one C-level
-        split of the whole piece, since a line break is whitespace to `str.split` too.
-        """
-        if self.lowercase:
-            text = text.lower()
-        if not text.endswith("\n"):
-            text += "\n"
-        if self.level == "word":
-            return text.replace("\n", f" {EOS} ").split()
-        tokens: list[str] = []
-        for line in text[:-1].split("\n"):
-            tokens.extend(" ".join(line.split()))
-            tokens.append(EOS)
-        return tokens
-
-    def join(self, tokens: list[str]) -> str:
-        """Tokens back into text, a line break for each `<eos>`."""
-        lines, line = [], []
-        for token in tokens:
-            if token == EOS:
-                lines.append(line)
-                line = []
-            else:
-                line.append(token)
-        separator = " " if self.level == "word" else ""
-        return "\n".join(separator.join(line) for line in [*lines, line])
-
-
-def read_tokens(path: Path, tokenizer: Tokenizer = Tokenizer()) -> list[str]:
-    """The tokens of every line of a UTF-8 file, each line closed by `<eos>`."""
-    return text_tokens(read_text(path), tokenizer)
-
-
-def text_tokens(text: str, tokenizer: Tokenizer) -> list[str]:
-    tokens: list[str] = []
-    for line in text_lines(text):
-        tokens.extend(tokenizer.tokens(line))
-        tokens.append(EOS)
-    return tokens
-
-
-def text_lines(text: str) -> list[str]:
-    """Lines ended by \\n, \\r\\n or \\r only: str.splitlines() also breaks at form feeds and
-    Unicode separators, which would add sentences to a corpus and shift line numbers."""
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return lines[:-1] if lines[-1] == "" else lines
-
-
-def read_text(path: Path) -> str:
-    return "".join(text_pieces(path, piece_bytes=None))
-
-
-def text_pieces(
-    path: Path, start: int = 0, end: int | None = None, piece_bytes: int | None = PIECE_BYTES
-) -> Iterator[str]:
-    """The text of a UTF-8 file's bytes [start, end) (both at line starts) in pieces of whole
-    lines (all at once for None), line ends as \n.
-
-    A piece is cut after a \n byte, which no multi-byte UTF-8 character contains, so neither a
-    character nor a \r\n is ever split.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} is not a file.")
-    offset, rest = start, b""
-    with open(path, "rb") as f:
-        f.seek(start)
-        while True:
-            size = piece_bytes or -1
-            if end is not None:
-                size = end - f.tell() if size < 0 else min(size, end - f.tell())
-            block = f.read(size)
-            data = rest + block
-            cut = data.rfind(b"\n") + 1 if block else len(data)
-            piece, rest = data[:cut], data[cut:]
-            if piece:
-                try:
-                    text = piece.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    at = offset + error.start
-                    raise UserError(
-                        f"{path} is not UTF-8: byte {at} (line {_line_at(path, at)}) is "
-                        f"{piece[error.start : error.end]!r}. Convert it, e.g. iconv -f latin1 -t utf-8."
-                    ) from error
-                yield text.replace("\r\n", "\n").replace("\r", "\n")
-                offset += len(piece)
-            if not block:
-                return
-
-
-def _line_at(path: Path, offset: int) -> int:
-    """The 1-based line of a byte offset (for an error message only: it reads up to there)."""
-    lines, done = 1, 0
-    with open(path, "rb") as f:
-        while done < offset and (block := f.read(min(PIECE_BYTES, offset - done))):
-            lines, done = lines + block.count(b"\n"), done + len(block)
-    return lines
-
-
-def line_ranges(path: Path, parts: int) -> list[tuple[int, int]]:
-    """About equal byte ranges of a file, each starting at a line start."""
-    size, cuts = path.stat().st_size, [0]
-    with open(path, "rb") as f:
-        for k in range(1, parts):
-            f.seek(max(size * k // parts - 1, cuts[-1]))
-            f.readline()  # on to the next line start (a \r-only file stays one range)
-            cuts.append(max(f.tell(), cuts[-1]))
-    return [(a, b) for a, b in zip(cuts, [*cuts[1:], size], strict=True) if b > a] or [(0, 0)]
-
-
-class Vocabulary:
-    """Token <-> id map in a deterministic order: descending count, ties alphabetical."""
-
-    def __init__(self, tokens: list[str], tokenizer: Tokenizer = Tokenizer()):
-        self.tokens = tokens
-        self.tokenizer = tokenizer
-        self.index = {token: i for i, token in enumerate(tokens)}
-        self.unk_id = self.index[UNK]
-
-    @classmethod
-    def build(
-        cls,
-        train_tokens: list[str],
-        tokenizer: Tokenizer = Tokenizer(),
-        min_count: int = 1,
-        max_vocab: int | None = None,
-    ) -> "Vocabulary":
-        return cls.from_counts(Counter(train_tokens), tokenizer, min_count, max_vocab)
-
-    @classmethod
-    def from_counts(
-        cls,
-        counts: Mapping[str, int],
-        tokenizer: Tokenizer = Tokenizer(),
-        min_count: int = 1,
-        max_vocab: int | None = None,
-    ) -> "Vocabulary":
-        """Tokens seen at least `min_count` times, the `max_vocab` most frequent (`<unk>` and
-        `<eos>` included); the others become `<unk>`."""
-        counts = dict(counts)
-        counts.setdefault(UNK, 0)  # a corpus without <unk> still needs one for unseen words
-        specials = [token for token in (UNK, EOS) if token in counts]
-        words = [token for token in counts if token not in specials and counts[token] >= min_count]
-        words.sort(key=lambda token: (-counts[token], token))
-        if max_vocab is not None:
-            words = words[: max(max_vocab - len(specials), 0)]
-        return cls(sorted(words + specials, key=lambda token: (-counts[token], token)), tokenizer)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def id_dtype(self) -> np.dtype:
-        """The narrowest unsigned type that holds every id: the prepared files' element type."""
-        return np.dtype("<u2") if len(self) <= 1 << 16 else np.dtype("<u4")
-
-    def encode(self, tokens: list[str]) -> torch.Tensor:
-        return torch.from_numpy(self.encode_array(tokens, np.dtype(np.int64)))
-
-    def encode_array(self, tokens: list[str], dtype: np.dtype) -> np.ndarray:
-        lookup = map(self.index.get, tokens, itertools.repeat(self.unk_id))
-        return np.fromiter(lookup, dtype=dtype, count=len(tokens))
-
-    def unknown(self, tokens: list[str]) -> list[str]:
-        """The distinct tokens that will be read as `<unk>`, sorted."""
-        return sorted({token for token in tokens if token not in self.index})
-
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        return [self.tokens[i] for i in ids.tolist()]
-
-    def state_dict(self) -> dict:
-        """What a checkpoint keeps, so that using a model never needs its training data."""
-        return {"tokens": self.tokens, "level": self.tokenizer.level, "lowercase": self.tokenizer.lowercase}
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> "Vocabulary":
-        return cls(state["tokens"], Tokenizer(state["level"], state["lowercase"]))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocabulary) and self.state_dict() == other.state_dict()
 
 
 @dataclass

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from hydra.experimental.callback import Callback
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lm.checkpointing import read_checkpoint
 from lm.errors import UserError, exit_on_user_error
+from lm.training.checkpoint import read_checkpoint
+from lm.training.trainer import slurm_job
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def _hold(kind: str, folder: Path, lock: IO[str], advice: str) -> None:
     """Keep `lock` open, with this process's pid and host in it for the message of a refused run."""
     try:
         lock.truncate(0)
-        job = _slurm_job()
+        job = slurm_job()
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}{f', SLURM job {job}' if job else ''}\n")
         lock.flush()
         os.fsync(lock.fileno())  # a full disk shows here, before Hydra writes into the folder
@@ -240,19 +240,10 @@ def _lock_text(folder: Path) -> str:
         return ""
 
 
-def _slurm_job() -> str | None:
-    """This SLURM job (an array's element as `<job>_<task>`), which keeps its id when requeued."""
-    if not SLURMEnvironment.detect():
-        return None
-    if "SLURM_ARRAY_JOB_ID" in os.environ:
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
 def _requeued(cfg: DictConfig, run_dir: Path) -> bool:
     """A requeued SLURM job (a new process: the one before it is gone) goes on in its own folder, the
     one whose run.lock names this job."""
-    job = _slurm_job()
+    job = slurm_job()
     if cfg.overwrite or job is None:
         return False
     return _lock_text(run_dir).endswith(f" SLURM job {job}\n")
@@ -272,8 +263,10 @@ def _check_same_config(cfg: DictConfig, checkpoint: Path) -> None:
         return  # saved before checkpoints carried their configuration
     now, then = _flat(OmegaConf.to_container(cfg, resolve=True)), _flat(saved)
     changed = sorted(key for key in now.keys() | then.keys() if now.get(key) != then.get(key))
-    # Paths may differ (a moved folder, a symlink); what the run computes may not.
+    # Paths may differ (a moved folder, a symlink), and where the code lives (`_target_`, which moved
+    # into lm/training and lm/data after 3217f87); what the run computes may not.
     changed = [k for k in changed if k not in RESUMABLE_CHANGES and k.rsplit(".", 1)[-1] not in PATH_KEYS]
+    changed = [k for k in changed if not k.endswith("_target_")]
     if changed:
         differences = "; ".join(f"{key}={then.get(key)} then, {now.get(key)} now" for key in changed[:8])
         raise UserError(

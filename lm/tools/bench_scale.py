@@ -1,8 +1,8 @@
 """The token pipeline and the softmax at WikiText-103's scale, against targets (README, "Performance").
 
-    python -m lm.bench_scale                     # a synthetic corpus of WikiText-103's shape
-    python -m lm.bench_scale --corpus DIR        # any corpus: DIR holds train.txt, valid.txt, test.txt
-    python -m lm.bench_scale --train-tokens 2000000 --types 30000 --steps 4   # a quick look
+    python -m lm.tools.bench_scale                     # a synthetic corpus of WikiText-103's shape
+    python -m lm.tools.bench_scale --corpus DIR        # any corpus: DIR holds train.txt, valid.txt, test.txt
+    python -m lm.tools.bench_scale --train-tokens 2000000 --types 30000 --steps 4   # a quick look
 
 Prints, and writes as bench_scale.json into --work: the preparation's time and peak memory, a
 cached start's, train tokens/s with the full and the adaptive softmax (alternating in one process,
@@ -94,7 +94,7 @@ def measured(*command: str) -> dict:
 
 
 def phase(*args: str) -> dict:
-    return measured(sys.executable, "-m", "lm.bench_scale", "--phase", *args)
+    return measured(sys.executable, "-m", "lm.tools.bench_scale", "--phase", *args)
 
 
 def peak_rss_mib() -> float:
@@ -104,7 +104,7 @@ def peak_rss_mib() -> float:
 def prepare_phase(corpus: Path, cache: Path) -> dict:
     """Open (or, with an empty cache, prepare) the corpus as `data=text` does."""
     started = time.perf_counter()
-    from lm.data import TextDataModule
+    from lm.data.datamodule import TextDataModule
 
     imported = time.perf_counter()
     datamodule = TextDataModule(str(corpus), str(cache), batch_size=20, num_steps=35)
@@ -119,14 +119,14 @@ def prepare_phase(corpus: Path, cache: Path) -> dict:
 
 
 def train_phase(corpus: Path, cache: Path, hidden_size: int, cutoffs: list[int], steps: int) -> dict:
-    """Train tokens/s of the full and the adaptive softmax with `lm.bench`'s plain loop, each
+    """Train tokens/s of the full and the adaptive softmax with `lm.tools.bench`'s plain loop, each
     timed over `steps` windows after one untimed, the two alternating twice."""
     import torch
-
     from lm.allocator import keep_freed_memory
-    from lm.bench import PlainLoop
-    from lm.data import TextDataModule
-    from lm.module import LanguageModel
+    from lm.data.datamodule import TextDataModule
+    from lm.training.module import LanguageModel
+
+    from lm.tools.bench import PlainLoop
 
     keep_freed_memory()  # as train.py does: the full softmax frees and refaults 0.75 GB a step otherwise
     torch.manual_seed(0)

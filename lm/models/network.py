@@ -1,0 +1,56 @@
+"""The contract every network of lm/models keeps, so that training, evaluation and the tools can use
+any of them (docs/design.md, "Model and training").
+
+A network reads token ids x (batch, steps) from a carried state and returns features (batch, steps,
+`output_size`), its last layer's outputs at each position, with the new state. Its softmax head turns
+features into log-probabilities: of given targets only (training; the adaptive softmax computes no
+more than their clusters), or of the whole vocabulary (the cache, generation).
+
+The state is what the network carries from one window to the next:
+- a list of tuples of tensors, each with the batch (the streams) in dimension 1, so that a rank's
+  rows can be sliced out of it and the ranks' rows gathered into it;
+- None means zeros: the start of every epoch and of every evaluation pass;
+- it is detached between windows (`map_state(torch.Tensor.detach, state)`: truncated BPTT) and
+  moved with `map_state(lambda s: s.to(device), state)`; nothing else is done to it from outside.
+"""
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+State = list[tuple[torch.Tensor, ...]]
+
+
+def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: State | None) -> State | None:
+    """`fn` applied to every tensor of a state (detach, move, slice); None stays None."""
+    return None if state is None else [tuple(fn(tensor) for tensor in layer) for layer in state]
+
+
+class Network(Protocol):
+    """What training (lm/training/module.py), evaluation (lm/evaluation/) and the tools call."""
+
+    output_size: int  # the size of the features: what the softmax and the cache read
+    embedding: nn.Embedding  # dynamic evaluation updates only the rows of the words it saw
+    decoder: nn.Linear | None  # the full softmax's layer, None with another head (dynamic evaluation)
+
+    def features(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """The last layer's outputs (batch, steps, output_size) for ids x, before output dropout."""
+
+    def drop_output(self, features: torch.Tensor) -> torch.Tensor:
+        """The features as training's softmax reads them: output dropout (identity in eval mode)."""
+
+    def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target) (batch, steps) at each position: the training loss's terms."""
+
+    def evaluate_targets(
+        self, features: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`target_log_probs` and the likeliest token at each position (batch, steps)."""
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The whole distribution (batch, steps, vocab), unnormalised or already log-probabilities."""
+
+    def __call__(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Logits for ids x and the new state (generation, dynamic evaluation's statistics)."""

@@ -1,0 +1,71 @@
+"""The softmax heads: features in, log-probabilities out (docs/training.md, "Adaptive softmax").
+
+The full softmax is one linear layer over the vocabulary. The adaptive softmax of Grave et al. (2017)
+puts the frequent words and one entry per tail cluster in a head, the rarer words in clusters behind
+smaller projections, and scores a target without the whole distribution. Both are torch's modules
+with the three readings every caller uses; their parameters keep torch's names, so checkpoints do
+not depend on this file.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FullSoftmax(nn.Linear):
+    """Logits of every word from the features: `nn.Linear(features, vocabulary)`."""
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self(features)
+
+    def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return _target_log_probs(self(features), targets)
+
+    def evaluate_targets(
+        self, features: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(features)  # one set of logits for both
+        return _target_log_probs(logits, targets), logits.argmax(-1)
+
+
+class AdaptiveSoftmax(nn.AdaptiveLogSoftmaxWithLoss):
+    """torch's adaptive softmax rather than a hand-written one: its head, tail projections and
+    `predict` are tested upstream. It offers no weight tying (its head and projections cannot share
+    the embedding matrix: that takes Baevski & Auli's adaptive input, not built), so the options
+    refuse `tie_weights` with it. Ids run from frequent to rare, as the vocabulary's do."""
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities, already normalised and so logits as well (log_softmax, softmax and
+        argmax read them alike)."""
+        with self._flat(features) as flat:
+            return self.log_prob(flat).view(*features.shape[:2], -1)
+
+    def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Only the head and the targets' clusters are computed."""
+        with self._flat(features) as flat:
+            return self(flat, targets.flatten()).output.view_as(targets)
+
+    def evaluate_targets(
+        self, features: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The likeliest token from torch's `predict`, which computes a tail cluster only where the
+        head's best entry is that cluster."""
+        with self._flat(features) as flat:
+            likeliest = self.predict(flat).view_as(targets)
+        return self.target_log_probs(features, targets), likeliest
+
+    @contextmanager
+    def _flat(self, features: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Features as torch's module takes them: flat, in its weights' dtype, outside autocast.
+        Under autocast it mixes its input's dtype with log_softmax's and fails (index_copy_), and
+        bfloat16 log-probabilities would lose the perplexity's digits."""
+        with torch.autocast(features.device.type, enabled=False):
+            yield features.flatten(0, 1).to(self.head.weight.dtype)
+
+
+def _target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) (batch, steps) under logits (batch, steps, vocab): minus PyTorch's cross-entropy."""
+    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)

@@ -1,0 +1,1 @@
+"""Benchmarks and reports, run as python -m lm.tools.<name>; nothing else imports them."""
