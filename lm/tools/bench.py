@@ -22,25 +22,18 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
 from lm.allocator import keep_freed_memory
 from lm.errors import Unsupported
 from lm.evaluation.dynamic_eval import DynamicEvaluation
 from lm.evaluation.scoring import score_stream
 from lm.models.network import map_state
+from lm.training.summary import flops_per_token
 from lm.training.throughput import TokensPerSecond
 from lm.training.trainer import build_trainer, check_precision
-from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("bench")
-
-
-def flops_per_token(vocab_size: int, hidden_size: int, num_layers: int) -> int:
-    """Matrix-multiply FLOPs of one training token: the forward pass, and twice that backward.
-
-    Each LSTM layer multiplies [x, h] (2H values) into 4H gates; the decoder maps H to V logits.
-    """
-    forward = num_layers * 2 * (2 * hidden_size) * (4 * hidden_size) + 2 * hidden_size * vocab_size
-    return 3 * forward
 
 
 # Lightning's mixed precisions and the dtype their autocast computes in; the others compute in float32.
@@ -226,10 +219,8 @@ def bench(cfg: DictConfig) -> dict:
         probes.append(probe_matmul())
     lightning, baseline = rounds * tokens / lightning_seconds, rounds * tokens / plain_seconds
 
-    # Counted for the full softmax only: the adaptive one's cost per token depends on the targets.
-    flops = flops_per_token(datamodule.vocab_size, cfg.model.hidden_size, cfg.model.num_layers)
-    if cfg.model.softmax != "full":
-        flops = float("nan")
+    # From the network's layers; NaN with the adaptive softmax, whose cost depends on the targets.
+    flops = flops_per_token(model.net)
     peak = sum(probes) / len(probes)
     results = {
         "device": torch.cuda.get_device_name(device)

@@ -122,11 +122,11 @@ def train_phase(corpus: Path, cache: Path, hidden_size: int, cutoffs: list[int],
     """Train tokens/s of the full and the adaptive softmax with `lm.tools.bench`'s plain loop, each
     timed over `steps` windows after one untimed, the two alternating twice."""
     import torch
+
     from lm.allocator import keep_freed_memory
     from lm.data.datamodule import TextDataModule
-    from lm.training.module import LanguageModel
-
     from lm.tools.bench import PlainLoop
+    from lm.training.module import LanguageModel
 
     keep_freed_memory()  # as train.py does: the full softmax frees and refaults 0.75 GB a step otherwise
     torch.manual_seed(0)
