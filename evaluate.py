@@ -10,8 +10,9 @@
     python -m lm.report outputs/evaluate/multirun/<date>/<time>                     # the sweep, best first
 
 One stream, batch 1, the state carried over the whole text: every target scored once
-(lm/scoring.py). Test-time adaptation, off by default: dynamic evaluation (lm/dynamic_eval.py),
-the continuous cache (lm/cache.py), or both, each scoring a target before anything learns from it.
+(lm/evaluation/scoring.py). Test-time adaptation, off by default: dynamic evaluation
+(lm/evaluation/dynamic_eval.py), the continuous cache (lm/evaluation/cache.py), or both, each
+scoring a target before anything learns from it.
 Prints the result and writes it, with the adaptation's options, to <run dir>/evaluation.json.
 """
 

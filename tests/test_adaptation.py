@@ -120,7 +120,7 @@ def test_dynamic_evaluation_with_lr_0_is_plain_evaluation_and_leaves_the_weights
 @pytest.mark.parametrize("decay", [0.0, 0.1])
 @pytest.mark.parametrize("method", ["sgd", "rms"])
 def test_each_segment_is_scored_with_the_weights_the_earlier_segments_gave(method, decay, tied):
-    """The rules of lm/dynamic_eval.py, step by step on a copy of the network with dense gradients,
+    """The rules of lm/evaluation/dynamic_eval.py, step by step on a copy of the network with dense gradients,
     three segments long: the sparse embedding step, the fused updates and the skipped decay
     change nothing."""
     net, ids, options = network(tied), token_ids(16, 3), {**DYNAMIC[method], "decay": decay}

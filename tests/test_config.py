@@ -1,4 +1,4 @@
-"""The composed configuration: presets as design.md's table and as results/ recorded them, every
+"""The composed configuration: presets as docs/design.md's table and as results/ recorded them, every
 Trainer argument, trainer.gpus."""
 
 import inspect
@@ -13,7 +13,7 @@ from lm.errors import UserError
 from lm.training.trainer import trainer_arguments
 from tests.conftest import compose_config
 
-# design.md's preset table: layers, hidden, num_steps, init, dropout, epochs, decay after, decay, clip
+# docs/design.md's preset table: layers, hidden, num_steps, init, dropout, epochs, decay after, decay, clip
 TABLE = {
     "small": (2, 200, 20, 0.1, 0.0, 13, 4, 0.5, 5),
     "medium": (2, 650, 35, 0.05, 0.5, 39, 6, 1 / 1.2, 5),

@@ -1,4 +1,4 @@
-"""design.md, "Data": tokens, vocabulary and the token cache."""
+"""docs/design.md, "Data": tokens, vocabulary and the token cache."""
 
 import errno
 import os

@@ -1,4 +1,4 @@
-"""design.md, "Data" and "Many devices": streams, windows and the split by rank."""
+"""docs/design.md, "Data" and "Many devices": streams, windows and the split by rank."""
 
 from itertools import pairwise
 from types import SimpleNamespace

@@ -1,4 +1,4 @@
-"""DDP on two CPU processes (gloo) against one process (design.md, "Many devices")."""
+"""DDP on two CPU processes (gloo) against one process (docs/design.md, "Many devices")."""
 
 import json
 from pathlib import Path

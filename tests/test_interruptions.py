@@ -1,4 +1,4 @@
-"""A run stopped anywhere and resumed gives the numbers of a run that never stopped (design.md,
+"""A run stopped anywhere and resumed gives the numbers of a run that never stopped (docs/design.md,
 "Interruptions"): signals sent at exact points of train.py runs, each resumed run compared with one
 that never stopped, same seed, dropout on, an lr that decays inside the run."""
 

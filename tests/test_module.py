@@ -1,4 +1,4 @@
-"""design.md, "Model and training" and "Perplexity": state carry, loss scale, schedule, exact ppl."""
+"""docs/design.md, "Model and training" and "Perplexity": state carry, loss scale, schedule, exact ppl."""
 
 import math
 from itertools import pairwise

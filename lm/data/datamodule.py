@@ -29,7 +29,7 @@ def resumed_position(trainer: L.Trainer, windows_per_epoch: int) -> int:
     """Windows of the current epoch trained before a mid-epoch checkpoint this run resumed from.
 
     Lightning restores its count of the epoch's batches and goes on from there; the windows and
-    the carried state must go on from the same place (design.md: in order, each once an epoch).
+    the carried state must go on from the same place (docs/design.md: in order, each once an epoch).
     0 when not resuming, or when the checkpoint was taken at the end of an epoch.
 
     Not Lightning's resumable-loader route (a loader's `state_dict`, saved by the fit loop): its
@@ -167,7 +167,7 @@ class TextDataModule(L.LightningDataModule):
             self.streams[split] = self._rows_of_rank(streams, rank, world_size, split)
 
     def check_divides(self, world_size: int) -> None:
-        """The global batches must split evenly among the processes (design.md, "Many devices")."""
+        """The global batches must split evenly among the processes (docs/design.md, "Many devices")."""
         for key, streams in (
             ("data.batch_size", self.batch_size),
             ("data.eval_batch_size", self.eval_batch_size),

@@ -9,7 +9,7 @@ For target t, read after the last layer's output h_t,
 
 Position i enters the cache only once its target y_i has been scored (i < t), so no target is
 looked at before it is scored. The very first target has an empty cache and gets p_model alone.
-With dynamic evaluation as well (lm/dynamic_eval.py), p_model and h are the adapted network's.
+With dynamic evaluation as well (lm/evaluation/dynamic_eval.py), p_model and h are the adapted network's.
 """
 
 import torch
@@ -44,7 +44,7 @@ def check_options(window, theta, **options) -> None:
 
 class NeuralCache:
     """The memory of the stream read so far: `mix` gives a chunk's mixture distributions, then
-    adds the chunk's positions, each pointing at its target (lm/scoring.py's `score_stream` reads
+    adds the chunk's positions, each pointing at its target (lm/evaluation/scoring.py's `score_stream` reads
     the stream). `interpolation` is the paper's lambda."""
 
     def __init__(self, window: int, interpolation: float, theta: float, size: int, device: torch.device):

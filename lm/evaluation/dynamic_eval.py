@@ -5,7 +5,7 @@ on PTB). Each segment is first scored with the current weights, and that score i
 counts; then the weights take one gradient step on the segment's loss (its mean NLL per token). A
 target therefore never shapes its own score or an earlier one. The LSTM state flows across
 segments, detached. Dropout stays off (evaluation mode) while gradients are taken, as in the
-paper's code. With the cache (lm/cache.py) as well, the adapted model's prediction is the one the
+paper's code. With the cache (lm/evaluation/cache.py) as well, the adapted model's prediction is the one the
 cache mixes with.
 
 With theta0 the trained weights, g the gradient and lambda = `decay`, one step is
@@ -121,7 +121,7 @@ def gradient_mean_squares(
 
 class DynamicEvaluation:
     """The weights' side of dynamic evaluation: `learn` takes one step of the method's rule on a
-    segment's loss once the segment has been scored (lm/scoring.py's `score_stream` reads the
+    segment's loss once the segment has been scored (lm/evaluation/scoring.py's `score_stream` reads the
     stream), and `adapting` gives the network its trained weights back when the pass ends."""
 
     def __init__(

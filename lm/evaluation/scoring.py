@@ -2,9 +2,9 @@
 
 A text is read as one stream (batch 1, the state carried), and each target is scored exactly
 once, before anything learns from it. evaluate.py (plain, dynamic evaluation, the cache, or both)
-and score.py run `score_stream`; the adaptations plug into it (lm/dynamic_eval.py, lm/cache.py).
+and score.py run `score_stream`; the adaptations plug into it (dynamic_eval.py, cache.py).
 Lightning's test step, which train.py's final test runs, scores the same protocol in
-lm/module.py.
+lm/training/module.py.
 """
 
 import math
@@ -23,7 +23,7 @@ from lm.models.network import Network, map_state
 
 
 def stream_pieces(ids: torch.Tensor, length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The evaluation windows (lm/data.py's WindowDataset) of one stream (batch 1) of `length`
+    """The evaluation windows (lm/data/windows.py's WindowDataset) of one stream (batch 1) of `length`
     tokens, the last one shorter: the test protocol. Read in order without a DataLoader, whose work
     per window (tens of microseconds) would count in a loop of 5-token segments."""
     windows = WindowDataset(ids.view(1, -1), length, full_windows_only=False)

@@ -118,7 +118,7 @@ def lightning_tokens_per_sec(
 
 def timed_dynamic_evaluation(model, datamodule, tokens: int | None, device: torch.device) -> dict[str, float]:
     """The batch-1 pass over the test split's first `tokens` (all if None), plain and with dynamic
-    evaluation (`sgd`, evaluate.py's segments of 5), one after the other through lm/scoring.py, as
+    evaluation (`sgd`, evaluate.py's segments of 5), one after the other through lm/evaluation/scoring.py, as
     evaluate.py runs them; the plain pass is timed before and after, and the ratio is to the mean."""
     ids = datamodule.streams["test"].flatten()[: None if tokens is None else tokens + 1]
     net = model.net.to(device)

@@ -1,4 +1,4 @@
-"""The token pipeline and the softmax at WikiText-103's scale, against targets (README, "Performance").
+"""The token pipeline and the softmax at WikiText-103's scale, against targets (docs/performance.md).
 
     python -m lm.tools.bench_scale                     # a synthetic corpus of WikiText-103's shape
     python -m lm.tools.bench_scale --corpus DIR        # any corpus: DIR holds train.txt, valid.txt, test.txt
@@ -195,7 +195,7 @@ def main() -> None:
     shutil.rmtree(cache, ignore_errors=True)
     results["prepare"] = phase("prepare", str(corpus), str(cache))
     # The first start after preparing may hash the text once more, if it was written moments
-    # before (lm/corpus.py, `_settled`); the second is every later start.
+    # before (lm/data/prepared.py, `_settled`); the second is every later start.
     phase("prepare", str(corpus), str(cache))
     results["cached_start"] = phase("prepare", str(corpus), str(cache))
     steps = [str(args.hidden_size), str(args.steps), *map(str, args.cutoffs)]

@@ -43,7 +43,7 @@ class TrainingCheckpoint(Checkpoint):
     several processes, the ranks agree to stop on logging steps and at epoch ends only, so that
     no step waits for the others (a grace period is far longer than `log_every_n_steps` steps).
     On SLURM, a SIGUSR1 (the time limit's warning) also requeues the job after the save; the
-    requeued job goes on from `last.ckpt` in the same folder (lm/resume.py).
+    requeued job goes on from `last.ckpt` in the same folder (lm/training/run_folder.py).
     """
 
     def __init__(self, dirpath: str, requeue_command: str = "scontrol requeue") -> None:
