@@ -262,17 +262,22 @@ def _check_same_config(cfg: DictConfig, checkpoint: Path) -> None:
     if saved is None:
         return  # saved before checkpoints carried their configuration
     now, then = _flat(OmegaConf.to_container(cfg, resolve=True)), _flat(saved)
-    changed = sorted(key for key in now.keys() | then.keys() if now.get(key) != then.get(key))
-    # Paths may differ (a moved folder, a symlink), and where the code lives (`_target_`, which moved
-    # into lm/training and lm/data after 3217f87); what the run computes may not.
-    changed = [k for k in changed if k not in RESUMABLE_CHANGES and k.rsplit(".", 1)[-1] not in PATH_KEYS]
-    changed = [k for k in changed if not k.endswith("_target_")]
+    # Only what the run had: an option added since is at its default, which computes what the code
+    # did before (new options are off by default). Paths may differ (a moved folder, a symlink), and
+    # Hydra's keys (`_target_`: where the code lives); what the run computes may not.
+    changed = sorted(key for key in then if now.get(key) != then[key] and key not in RESUMABLE_CHANGES)
+    changed = [k for k in changed if k.rsplit(".", 1)[-1] not in PATH_KEYS and not _hydra_key(k)]
     if changed:
         differences = "; ".join(f"{key}={then.get(key)} then, {now.get(key)} now" for key in changed[:8])
         raise UserError(
             f"resume: this command configures the run differently from {checkpoint}: {differences}. "
             "Repeat the run's own overrides (its .hydra/overrides.yaml); only trainer.max_epochs may change."
         )
+
+
+def _hydra_key(key: str) -> bool:
+    """`_target_`, `_recursive_`, ...: how Hydra builds an object, not what the run computes."""
+    return key.rsplit(".", 1)[-1].startswith("_")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
