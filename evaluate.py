@@ -27,15 +27,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ composes)
 from lm.allocator import keep_freed_memory
 from lm.data.datamodule import TextDataModule
 from lm.data.text import read_text
 from lm.data.vocabulary import Vocabulary
 from lm.errors import UserError, exit_on_user_error
 from lm.evaluation import cache, dynamic_eval
-from lm.evaluation.loading import load_model, pick_device
+from lm.evaluation.loading import TrainedModel, load_model, pick_device
+from lm.evaluation.options import EvaluateOptions
 from lm.evaluation.scoring import score_stream, text_ids
-from lm.training.module import LanguageModel
+from lm.options import build, defaults, problems, refuse
 
 log = logging.getLogger("evaluate")
 
@@ -54,13 +56,15 @@ def matching_datamodule(cfg: DictConfig, vocabulary: Vocabulary) -> TextDataModu
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    dynamic_options, cache_options = cfg.dynamic_eval, cfg.cache
-    dynamic_eval.check_options(**dynamic_options)
-    cache.check_options(**cache_options)
-    if not (isinstance(cfg.chunk_length, int) and cfg.chunk_length >= 1):
-        raise UserError(
-            f"chunk_length={cfg.chunk_length!r} is not allowed: it must be an integer, 1 or more."
-        )
+    refuse(
+        [
+            *dynamic_eval.dynamic_eval_problems(cfg.dynamic_eval),
+            *cache.cache_problems(cfg.cache),
+            *problems(EvaluateOptions, {key: cfg[key] for key in defaults(EvaluateOptions)}, ""),
+        ]
+    )
+    dynamic_options = build(dynamic_eval.DynamicEvalOptions, cfg.dynamic_eval)
+    cache_options = build(cache.CacheOptions, cfg.cache)
     device = evaluation_device(cfg)
     model = load_model(cfg.ckpt_path, device)
     vocabulary = model.vocabulary
@@ -77,8 +81,6 @@ def evaluate(cfg: DictConfig) -> dict:
         source = {"file": str(cfg.file)}
     else:
         datamodule = matching_datamodule(cfg, vocabulary)
-        if cfg.split not in datamodule.corpus.splits:
-            raise UserError(f"split={cfg.split} is not a split; use train, valid or test.")
         ids = datamodule.corpus.splits[cfg.split].long()  # from the memory-mapped uint16 / uint32 ids
         source = {"data_dir": str(datamodule.dir), "split": cfg.split}
 
@@ -88,21 +90,16 @@ def evaluate(cfg: DictConfig) -> dict:
     keep_freed_memory()  # dynamic evaluation frees megabytes of gradients every segment (lm/allocator.py)
     net = model.net.to(device).eval()
     started = time.perf_counter()
-    dynamic = dynamic_evaluation(cfg, net, model, datamodule, device) if dynamic_options.method else None
+    dynamic = None
+    if dynamic_options.method:
+        dynamic = dynamic_evaluation(cfg, dynamic_options, net, model, datamodule, device)
     neural_cache = None
     if cache_options.window:
         neural_cache = cache.NeuralCache(
-            cache_options.window, cache_options["lambda"], cache_options.theta, net.output_size, device
+            cache_options.window, cache_options.interpolation, cache_options.theta, net.output_size, device
         )
     scores = score_stream(net, ids, device, cfg.chunk_length, dynamic, neural_cache)
     assert len(scores.log_probs) == len(ids) - 1  # every target scored once
-    used_dynamic_options = None
-    if dynamic_options.method:  # the options the method used
-        used_dynamic_options = OmegaConf.to_container(dynamic_options)
-        if dynamic_options.method == "sgd":
-            used_dynamic_options = {
-                k: v for k, v in used_dynamic_options.items() if k not in dynamic_eval.RMS_OPTIONS
-            }
     evaluation = {
         "ckpt_path": str(cfg.ckpt_path),
         **source,
@@ -110,8 +107,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "acc": scores.accuracy(),
         "targets": len(ids) - 1,
         "unk_targets": int((ids[1:] == vocabulary.unk_id).sum()),
-        "dynamic_eval": used_dynamic_options,
-        "cache": OmegaConf.to_container(cache_options) if cache_options.window else None,
+        "dynamic_eval": dynamic_options.used(),
+        "cache": OmegaConf.to_container(cfg.cache) if cache_options.window else None,
         "wall_seconds": time.perf_counter() - started,
     }
     path = Path(HydraConfig.get().runtime.output_dir) / "evaluation.json"
@@ -135,14 +132,14 @@ def evaluation_device(cfg: DictConfig) -> torch.device:
 
 def dynamic_evaluation(
     cfg: DictConfig,
+    options: dynamic_eval.DynamicEvalOptions,
     net: torch.nn.Module,
-    model: LanguageModel,
+    model: TrainedModel,
     datamodule: TextDataModule | None,
     device: torch.device,
 ) -> dynamic_eval.DynamicEvaluation:
-    """The weights' rule of `cfg.dynamic_eval`; `rms` first measures its statistics on the
-    training split of the model's corpus."""
-    options = cfg.dynamic_eval
+    """The weights' rule of `options`; `rms` first measures its statistics on the training split of
+    the model's corpus."""
     mean_squares = None
     if options.method == "rms":
         train_ids = (datamodule or matching_datamodule(cfg, model.vocabulary)).corpus.splits["train"]

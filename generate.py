@@ -15,25 +15,19 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ composes)
 from lm.data.text import EOS
-from lm.errors import UserError, exit_on_user_error
+from lm.errors import exit_on_user_error
 from lm.evaluation.generation import sample
 from lm.evaluation.loading import load_model, pick_device
+from lm.evaluation.options import SamplingOptions
+from lm.options import defaults, problems, refuse
 
 log = logging.getLogger("generate")
 
 
 def generate(cfg: DictConfig) -> list[str]:
-    for key, value, smallest in (
-        ("num_words", cfg.num_words, 0),
-        ("num_samples", cfg.num_samples, 1),
-        ("top_k", cfg.top_k or 0, 0),
-        ("seed", cfg.seed, 0),
-    ):
-        if not isinstance(value, int) or value < smallest:
-            raise UserError(f"{key}={value!r} must be an integer, {smallest} or more.")
-    if not isinstance(cfg.temperature, int | float) or not (cfg.temperature == 0 or cfg.temperature >= 1e-3):
-        raise UserError(f"temperature={cfg.temperature!r} must be 0 (greedy) or a number of at least 0.001.")
+    refuse(problems(SamplingOptions, {key: cfg[key] for key in defaults(SamplingOptions)}, ""))
     device = pick_device(cfg.device)
     model = load_model(cfg.ckpt_path, device)
     vocabulary = model.vocabulary

@@ -18,17 +18,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ composes)
 from lm.data.text import read_text, text_lines
 from lm.errors import UserError, exit_on_user_error
 from lm.evaluation.loading import load_model, pick_device
+from lm.evaluation.options import ScoreOptions
 from lm.evaluation.scoring import line_log_probs
+from lm.options import defaults, problems, refuse
 
 log = logging.getLogger("score")
 
 
 def score(cfg: DictConfig) -> dict:
-    if cfg.format not in ("tsv", "json"):
-        raise UserError(f"format={cfg.format} is not an output format; use tsv or json.")
+    refuse(problems(ScoreOptions, {key: cfg[key] for key in defaults(ScoreOptions)}, ""))
     device = pick_device(cfg.device)
     path = Path(cfg.file).expanduser()
     lines = text_lines(read_text(path))

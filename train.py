@@ -2,7 +2,7 @@
 
     python train.py                                   # Zaremba's small model, CPU or one GPU
     python train.py model=medium trainer.gpus=2       # two GPUs with DDP
-    python train.py -m model=small model.dropout=0.0,0.2   # a Hydra sweep
+    python train.py -m model=small model.net.dropout=0.0,0.2   # a Hydra sweep
     tensorboard --logdir outputs
 
 Writes <run dir>/metrics.json, checkpoints/ and tensorboard/; returns the validation
@@ -24,18 +24,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
-from torch.multiprocessing import ProcessRaisedException
 
+import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ composes)
 from lm.allocator import keep_freed_memory
 from lm.errors import exit_on_user_error, user_error_in
+from lm.options import dotted
 from lm.training.module import Diverged
-from lm.training.options import check_options
+from lm.training.options import check_command
 from lm.training.run_folder import prepare_run_folder
-from lm.training.safe_stop import Stopped, TrainingCheckpoint
+from lm.training.safe_stop import TrainingCheckpoint, fit
 from lm.training.throughput import TokensPerSecond
-from lm.training.trainer import build_trainer, check_run_options, recover_training_state
+from lm.training.trainer import build_trainer
 
 log = logging.getLogger("train")
 
@@ -44,8 +44,7 @@ def train(cfg: DictConfig) -> dict:
     """Fit, test the best checkpoint, and write metrics.json (rank 0); returns the metrics."""
     started = time.perf_counter()
     keep_freed_memory()
-    check_options(**cfg.model)  # before the data is read or downloaded
-    check_run_options(cfg)
+    check_command(cfg)  # every problem at once, before the data is read or downloaded
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resume_from = prepare_run_folder(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -66,19 +65,7 @@ def train(cfg: DictConfig) -> dict:
 
     checkpointing = next((c for c in trainer.callbacks if isinstance(c, TrainingCheckpoint)), None)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    except (Stopped, SIGTERMException, ProcessRaisedException) as stop:
-        if isinstance(stop, ProcessRaisedException):  # ddp_spawn: a worker's exception, as its traceback
-            if f"{Stopped.__module__}.Stopped: " not in str(stop):
-                raise
-            reason = str(stop).split(f"{Stopped.__module__}.Stopped: ")[1].splitlines()[0]
-        else:  # SIGTERMException: Lightning's own, for a SIGTERM in the moment before training began
-            reason = (
-                str(stop) or f"SIGTERM at step {trainer.global_step}, before training began: nothing saved"
-            )
-        overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("resume="))
-        log.warning("Stopped by %s. Continue with: python train.py %s resume=%s", reason, overrides, run_dir)
-        return {"status": "preempted", "val_ppl": math.inf}
+        stopped = fit(trainer, model, datamodule, resume_from)
     except Diverged as stop:
         last = str(checkpointing.last_path) if checkpointing and checkpointing.last_path.exists() else ""
         log.error(
@@ -91,7 +78,11 @@ def train(cfg: DictConfig) -> dict:
         if trainer.is_global_zero:
             write_metrics({**metrics, "val_ppl": None, "test_ppl": None, "last_good_checkpoint": last})
         return {**metrics, "val_ppl": math.inf}
-    recover_training_state(trainer)
+    if stopped:
+        overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("resume="))
+        log.warning("Stopped by %s. Continue with: python train.py %s resume=%s", stopped, overrides, run_dir)
+        return {"status": "preempted", "val_ppl": math.inf}
+
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if best:
         val_ppl = float(trainer.checkpoint_callback.best_model_score)
@@ -138,15 +129,20 @@ def train(cfg: DictConfig) -> dict:
 
 
 def hyperparameters(cfg: DictConfig) -> dict:
-    """What tells runs apart: the model's and the data's options (not paths), schedule, precision."""
-    model = {f"model.{key}": value for key, value in cfg.model.items() if key != "_target_"}
-    data = {
-        f"data.{key}": value
-        for key, value in cfg.data.items()
-        if key not in ("_target_", "dir", "cache_dir", "url")
-    }
+    """What tells runs apart, by dotted key: the network's, the training's and the data's options (not
+    paths, nor Hydra's keys), the schedule, the precision and the seed."""
+    model = dotted(OmegaConf.to_container(cfg.model, resolve=True), "model.")
+    data = dotted(OmegaConf.to_container(cfg.data, resolve=True), "data.")
     chosen = ("trainer.max_epochs", "trainer.gradient_clip_val", "trainer.precision", "seed")
-    return {**model, **data, **{key: OmegaConf.select(cfg, key) for key in chosen}}
+    return {
+        **{key: value for key, value in {**model, **data}.items() if not _path_or_hydra_key(key)},
+        **{key: OmegaConf.select(cfg, key) for key in chosen},
+    }
+
+
+def _path_or_hydra_key(key: str) -> bool:
+    name = key.rsplit(".", 1)[-1]
+    return name.startswith("_") or name in ("dir", "cache_dir", "url")
 
 
 def write_metrics(metrics: dict) -> None:

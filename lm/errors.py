@@ -3,7 +3,7 @@
 import functools
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf.errors import MissingMandatoryValue
@@ -16,18 +16,6 @@ class UserError(Exception):
 class Unsupported(UserError):
     """This machine cannot run what was asked (bf16 on a CPU without it); a benchmark sweep records
     the job as skipped with this message, rather than as a failure."""
-
-
-def check_rules(section: str, rules: Iterable[tuple[str, object, bool, str]]) -> None:
-    """Raise one UserError for the first (key, value, valid, allowed) rule a config value breaks.
-
-    A bool never passes: YAML's true and false would otherwise count as the numbers 1 and 0.
-    An empty `section` names top-level keys (`seed`).
-    """
-    for key, value, valid, allowed in rules:
-        if isinstance(value, bool) or not valid:
-            name = f"{section}.{key}" if section else key
-            raise UserError(f"{name}={value!r} is not allowed: it must be {allowed}.")
 
 
 def user_error_in(error: BaseException | None) -> UserError | None:

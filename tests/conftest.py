@@ -1,11 +1,13 @@
 """Shared fixtures: the real PTB when present, small generated corpora, and train.py runs."""
 
+import dataclasses
 import os
 import random
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -15,9 +17,12 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig
 
+import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ composes)
 from lm import PROJECT_ROOT
 from lm.data.text import Tokenizer, read_text, text_tokens
 from lm.data.vocabulary import Vocabulary
+from lm.models.lstm import LSTMOptions
+from lm.training.module import LanguageModel
 
 # The test models are tiny: a second thread only waits on the first (and on a busy machine far worse).
 torch.set_num_threads(1)
@@ -40,6 +45,14 @@ def read_tokens(path: Path, tokenizer: Tokenizer = Tokenizer()) -> list[str]:
 def build_vocabulary(tokens: list[str], tokenizer: Tokenizer = Tokenizer()) -> Vocabulary:
     """The vocabulary of a list of training tokens, as a prepared corpus's counts give it."""
     return Vocabulary.from_counts(Counter(tokens), tokenizer)
+
+
+def language_model(vocab_size: int, **options: Any) -> LanguageModel:
+    """A LanguageModel of the LSTM network, from one list of options as the presets give them: the
+    LSTM's go to its model.net node, the others are training options."""
+    lstm = {field.name for field in dataclasses.fields(LSTMOptions)}
+    net = {"_target_": "lm.models.lstm.LSTMOptions", **{k: v for k, v in options.items() if k in lstm}}
+    return LanguageModel(vocab_size, net, **{k: v for k, v in options.items() if k not in lstm})
 
 
 def write_corpus(folder: Path, lines: dict[str, list[str]]) -> Path:
@@ -100,7 +113,7 @@ def quiet_trainer(accelerator: str = "cpu", **kwargs) -> L.Trainer:
 
 # Small enough that a run on the tiny corpus takes seconds.
 TINY_RUN = [
-    "model.hidden_size=16",
+    "model.net.hidden_size=16",
     "data.batch_size=8",
     "data.num_steps=20",
     "trainer.max_epochs=2",
@@ -137,13 +150,13 @@ def run_script(
 
 @pytest.fixture(scope="session")
 def grid_sweep(tmp_path_factory) -> Path:
-    """`python train.py -m model.dropout=0.0,0.3` on a tiny corpus: a sweep folder of two runs."""
+    """`python train.py -m model.net.dropout=0.0,0.3` on a tiny corpus: a sweep folder of two runs."""
     root = tmp_path_factory.mktemp("grid")
     corpus = write_tiny_corpus(root / "tiny")
     result = run_train(
         "-m",
         *TINY_RUN,
-        "model.dropout=0.0,0.3",
+        "model.net.dropout=0.0,0.3",
         f"data.dir={corpus}",
         f"data.cache_dir={root / 'cache'}",
         f"hydra.sweep.dir={root / 'sweep'}",

@@ -21,9 +21,8 @@ from lm.errors import UserError
 from lm.evaluation.cache import NeuralCache
 from lm.evaluation.dynamic_eval import DynamicEvaluation, gradient_mean_squares
 from lm.evaluation.scoring import score_stream
-from lm.models.lstm import LSTMNetwork
-from lm.training.module import LanguageModel
-from tests.conftest import quiet_trainer, run_script, write_tiny_corpus
+from lm.models.lstm import LSTMNetwork, LSTMOptions
+from tests.conftest import language_model, quiet_trainer, run_script, write_tiny_corpus
 
 CPU = torch.device("cpu")
 VOCAB = 12
@@ -32,7 +31,7 @@ VOCAB = 12
 def network(tied: bool = False) -> LSTMNetwork:
     """A random network in float64, so that only real differences exceed 1e-12."""
     torch.manual_seed(0)
-    net = LSTMNetwork(VOCAB, hidden_size=8, num_layers=2, dropout=0.0, init_scale=0.5, tie_weights=tied)
+    net = LSTMNetwork(VOCAB, LSTMOptions(hidden_size=8, init_scale=0.5, tie_weights=tied))
     return net.double().eval()
 
 
@@ -209,7 +208,7 @@ def checkpoint(tmp_path_factory) -> dict:
     corpus = write_tiny_corpus(root / "tiny", train_lines=500)
     datamodule = PTBDataModule(dir=corpus, cache_dir=root / "cache", url="file:///nowhere")
     torch.manual_seed(0)
-    model = LanguageModel(len(datamodule.vocabulary), hidden_size=16, init_scale=0.3)
+    model = language_model(len(datamodule.vocabulary), hidden_size=16, init_scale=0.3)
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=0, limit_val_batches=0)
     trainer.fit(model, datamodule=datamodule)
     trainer.save_checkpoint(root / "model.ckpt")
@@ -286,7 +285,7 @@ def test_evaluate_runs_each_method_records_its_options_and_reduces_to_plain(chec
     [
         (
             ["dynamic_eval.method=adam"],
-            "dynamic_eval.method='adam' is not a method; use sgd, rms, or null (off).",
+            "dynamic_eval.method='adam' is not allowed: it must be null, sgd or rms.",
         ),
         (
             ["dynamic_eval.method=sgd"],
@@ -294,7 +293,7 @@ def test_evaluate_runs_each_method_records_its_options_and_reduces_to_plain(chec
         ),
         (
             ["dynamic_eval.method=sgd", "dynamic_eval.lr=-1"],
-            "dynamic_eval.lr=-1 is not allowed: it must be a number, 0 or more.",
+            "dynamic_eval.lr=-1 is not allowed: it must be null or a number, 0 or more.",
         ),
         (
             ["dynamic_eval.method=sgd", "dynamic_eval.lr=1", "dynamic_eval.decay=2"],
@@ -311,15 +310,15 @@ def test_evaluate_runs_each_method_records_its_options_and_reduces_to_plain(chec
         (["cache.window=100"], "cache.lambda has no value; cache.window=100 needs one"),
         (
             ["cache.window=0", "cache.lambda=0.1", "cache.theta=1"],
-            "cache.window=0 is not allowed: it must be null (off) or an integer, 1 or more.",
+            "cache.window=0 is not allowed: it must be null or an integer, 1 or more.",
         ),
         (
             ["cache.window=100", "cache.lambda=1.5", "cache.theta=1"],
-            "cache.lambda=1.5 is not allowed: it must be a number in [0, 1].",
+            "cache.lambda=1.5 is not allowed: it must be null or a number in [0, 1].",
         ),
         (
             ["cache.window=100", "cache.lambda=0.1", "cache.theta=-1"],
-            "cache.theta=-1 is not allowed: it must be a number, 0 or more.",
+            "cache.theta=-1 is not allowed: it must be null or a number, 0 or more.",
         ),
         (["chunk_length=0"], "chunk_length=0 is not allowed: it must be an integer, 1 or more."),
         (
@@ -332,6 +331,18 @@ def test_bad_options_are_one_clear_error(checkpoint, tmp_path, overrides, messag
     with pytest.raises(UserError) as error:
         run_evaluate(checkpoint, tmp_path / "run", *overrides)
     assert message in str(error.value)
+
+
+def test_every_bad_option_is_named_at_once(checkpoint, tmp_path):
+    with pytest.raises(UserError) as error:
+        run_evaluate(
+            checkpoint, tmp_path / "run", "dynamic_eval.method=adam", "cache.theta=-1", "chunk_length=0"
+        )
+    assert str(error.value).splitlines() == [
+        "dynamic_eval.method='adam' is not allowed: it must be null, sgd or rms.",
+        "cache.theta=-1 is not allowed: it must be null or a number, 0 or more.",
+        "chunk_length=0 is not allowed: it must be an integer, 1 or more.",
+    ]
 
 
 def test_a_sweep_on_valid_writes_one_evaluation_per_run_and_the_report_ranks_them(checkpoint, tmp_path):

@@ -1,4 +1,4 @@
-"""The adaptive softmax (Grave et al. 2017, `model.softmax=adaptive`): its per-target log-probabilities
+"""The adaptive softmax (Grave et al. 2017, `model.net.softmax=adaptive`): its per-target log-probabilities
 are the distribution's, the distribution sums to 1, perplexities stay exact, every tool reads its
 checkpoints, bad options are one line, and the full softmax keeps every bit of its numbers."""
 
@@ -10,16 +10,21 @@ from itertools import pairwise
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from lm.data.datamodule import PTBDataModule
-from lm.errors import UserError
 from lm.evaluation.loading import load_model
-from lm.models.lstm import LSTMNetwork
+from lm.models.lstm import LSTMNetwork, LSTMOptions
 from lm.training.metrics import negated_sum, summed_nll
-from lm.training.module import LanguageModel
-from lm.training.options import check_options
-from tests.conftest import TINY_RUN, compose_config, quiet_trainer, run_script, run_train, write_corpus
+from lm.training.options import network_problems
+from tests.conftest import (
+    TINY_RUN,
+    compose_config,
+    language_model,
+    quiet_trainer,
+    run_script,
+    run_train,
+    write_corpus,
+)
 from tests.test_adaptation import run_evaluate
 
 VOCAB, CUTOFFS = 40, [8, 20]  # a head of 8 words and 2 clusters, of 12 and 20 words
@@ -28,7 +33,7 @@ VOCAB, CUTOFFS = 40, [8, 20]  # a head of 8 words and 2 clusters, of 12 and 20 w
 def adaptive_net(**options) -> LSTMNetwork:
     torch.manual_seed(0)
     return LSTMNetwork(
-        VOCAB, 16, 2, 0.0, 0.5, softmax="adaptive", cutoffs=CUTOFFS, **options
+        VOCAB, LSTMOptions(hidden_size=16, init_scale=0.5, softmax="adaptive", cutoffs=CUTOFFS, **options)
     ).eval()  # tails of 16 // 4 and 16 // 16 units
 
 
@@ -94,8 +99,9 @@ def test_under_autocast_the_adaptive_softmax_runs_in_its_weights_dtype():
 
 def test_init_uniform_draws_every_weight_and_awd_zeroes_the_bias():
     scale = 0.05
-    uniform = LSTMNetwork(VOCAB, 16, 2, 0.0, scale, softmax="adaptive", cutoffs=CUTOFFS)
-    awd = LSTMNetwork(VOCAB, 16, 2, 0.0, scale, softmax="adaptive", cutoffs=CUTOFFS, init="awd")
+    adaptive = {"hidden_size": 16, "init_scale": scale, "softmax": "adaptive", "cutoffs": CUTOFFS}
+    uniform = LSTMNetwork(VOCAB, LSTMOptions(**adaptive))
+    awd = LSTMNetwork(VOCAB, LSTMOptions(**adaptive, init="awd"))
     for net in (uniform, awd):
         weights = [p for name, p in net.adaptive_softmax.named_parameters() if not name.endswith("bias")]
         assert len(weights) == 5 and all(p.abs().max() <= scale and p.abs().min() > 0 for p in weights)
@@ -108,7 +114,7 @@ def test_the_full_softmax_sums_exactly_as_before():
     """Today's loss was F.cross_entropy(decoder(features), y, reduction="sum"); the per-target path
     gives the same bits, value and gradient (a plain .sum() of the per-target values would not)."""
     torch.manual_seed(0)
-    net = LSTMNetwork(1000, 32, 2, 0.0, 0.1)
+    net = LSTMNetwork(1000, LSTMOptions(hidden_size=32))
     for seed in range(5):
         generator = torch.Generator().manual_seed(seed)
         features = torch.randn(20, 20, 32, generator=generator) * 3
@@ -130,7 +136,7 @@ def test_test_perplexity_equals_a_token_by_token_batch_1_loop(tiny_corpus, tmp_p
         dir=tiny_corpus, cache_dir=tmp_path / "cache", url="file:///x", test_num_steps=37
     )
     torch.manual_seed(0)
-    model = LanguageModel(
+    model = language_model(
         datamodule.vocab_size, hidden_size=16, init_scale=0.3, softmax="adaptive", cutoffs=[4, 8]
     )
     (result,) = quiet_trainer().test(model, datamodule=datamodule, verbose=False)
@@ -169,8 +175,8 @@ def trained(tmp_path_factory) -> dict:
         {"train": counting_lines(2000, 0), "valid": counting_lines(200, 1), "test": counting_lines(200, 2)},
     )
     data = [f"data.dir={corpus}", f"data.cache_dir={root / 'cache'}"]
-    run = [*TINY_RUN, "model.hidden_size=64", "model.init_scale=0.3", "trainer.max_epochs=4"]
-    adaptive = ["model.softmax=adaptive", "model.cutoffs=[10,30]"]
+    run = [*TINY_RUN, "model.net.hidden_size=64", "model.net.init_scale=0.3", "trainer.max_epochs=4"]
+    adaptive = ["model.net.softmax=adaptive", "model.net.cutoffs=[10,30]"]
     result = run_train(*run, *adaptive, *data, f"hydra.run.dir={root / 'run'}")
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((root / "run" / "metrics.json").read_text())
@@ -188,8 +194,9 @@ def test_train_learns_and_the_checkpoint_keeps_the_options(trained):
     model = load_model(trained["ckpt"])
     assert len(model.vocabulary) == 62  # 60 words, <eos>, <unk>
     assert metrics["status"] == "completed" and metrics["val_ppl"] < 62 / 4  # uniform would be 62
-    cutoffs = model.hparams.cutoffs  # a ListConfig from Hydra, saved as a list
-    assert type(cutoffs) is list and cutoffs == [10, 30] and model.hparams.softmax == "adaptive"
+    options = torch.load(trained["ckpt"], weights_only=True)["hyper_parameters"]["net"]
+    cutoffs = options["cutoffs"]  # a ListConfig from Hydra, saved as a list
+    assert type(cutoffs) is list and cutoffs == [10, 30] and options["softmax"] == "adaptive"
     assert model.net.decoder is None and model.net.adaptive_softmax.cutoffs == [10, 30, 62]
 
 
@@ -259,76 +266,80 @@ def test_the_cache_and_dynamic_evaluation_adapt_and_reduce_to_plain(trained, tmp
     ("overrides", "vocab_size", "message"),
     [
         (
-            ["model.softmax=adaptive", "model.cutoffs=[2000,5000]", "model.tie_weights=true"],
+            ["model.net.softmax=adaptive", "model.net.cutoffs=[2000,5000]", "model.net.tie_weights=true"],
             None,
-            "model.tie_weights=true is not allowed with model.softmax=adaptive: its projections cannot "
-            "share the embedding matrix",
+            "model.net.tie_weights=true is not allowed with model.net.softmax=adaptive: its projections "
+            "cannot share the embedding matrix",
         ),
         (
-            ["model.softmax=adaptive", "model.cutoffs=[5000,2000]"],
+            ["model.net.softmax=adaptive", "model.net.cutoffs=[5000,2000]"],
             None,
-            "model.cutoffs=[5000, 2000] is not allowed: it must be a strictly increasing list of integers",
+            "model.net.cutoffs=[5000, 2000] is not allowed: it must be a strictly increasing list of "
+            "integers",
         ),
         (
-            ["model.softmax=adaptive", "model.cutoffs=[2000,2000]"],
+            ["model.net.softmax=adaptive", "model.net.cutoffs=[2000,2000]"],
             None,
-            "model.cutoffs=[2000, 2000] is not allowed: it must be a strictly increasing list",
+            "model.net.cutoffs=[2000, 2000] is not allowed: it must be a strictly increasing list",
         ),
-        (["model.softmax=adaptive"], None, "model.cutoffs=None is not allowed: it must be a strictly"),
         (
-            ["model.softmax=adaptive", "model.cutoffs=[2000,10000]"],
+            ["model.net.softmax=adaptive"],
+            None,
+            "model.net.cutoffs=None is not allowed: it must be a strictly",
+        ),
+        (
+            ["model.net.softmax=adaptive", "model.net.cutoffs=[2000,10000]"],
             10000,
-            "model.cutoffs=[2000, 10000] is not allowed: it must be a strictly increasing list of integers, "
-            "each 1 or more and below the vocabulary size (10000), such as [2000,5000].",
+            "model.net.cutoffs=[2000, 10000] is not allowed: it must be a strictly increasing list of "
+            "integers, each 1 or more and below the vocabulary size (10000), such as [2000,5000].",
         ),
         (
-            ["model.cutoffs=[2000,5000]"],
+            ["model.net.cutoffs=[2000,5000]"],
             None,
-            "model.cutoffs=[2000, 5000] is not allowed: it must be null with model.softmax=full; set "
-            "model.softmax=adaptive to use them.",
+            "model.net.cutoffs=[2000, 5000] is not allowed: it must be null with model.net.softmax=full; set "
+            "model.net.softmax=adaptive to use them.",
         ),
         (
-            ["model.softmax=sampled"],
+            ["model.net.softmax=sampled"],
             None,
-            "model.softmax='sampled' is not allowed: it must be full or adaptive.",
+            "model.net.softmax='sampled' is not allowed: it must be full or adaptive.",
         ),
         (
-            ["model.softmax=adaptive", "model.cutoffs=[2000]", "model.div_value=0"],
+            ["model.net.softmax=adaptive", "model.net.cutoffs=[2000]", "model.net.div_value=0"],
             None,
-            "model.div_value=0 is not allowed: it must be a number above 0.",
+            "model.net.div_value=0 is not allowed: it must be a number above 0.",
         ),
         (
-            ["model.softmax=adaptive", "model.cutoffs=[10,20,30,40]"],
+            ["model.net.softmax=adaptive", "model.net.cutoffs=[10,20,30,40]"],
             None,
-            "model.div_value=4.0 leaves the last of 4 tail clusters no projection (model.hidden_size 200",
+            "model.net.div_value=4.0 leaves the last of 4 tail clusters no projection "
+            "(model.net.hidden_size 200",
         ),
     ],
 )
 def test_a_bad_softmax_option_is_one_line_naming_the_key(overrides, vocab_size, message):
-    options = OmegaConf.to_container(compose_config(*overrides).model)
-    with pytest.raises(UserError) as refusal:
-        check_options(**options, vocab_size=vocab_size)
-    assert message in str(refusal.value)
+    lines = network_problems(compose_config(*overrides).model.net, vocab_size)
+    assert any(message in line for line in lines), lines
 
 
 def test_train_refuses_a_cutoff_beyond_the_vocabulary_in_one_line(tiny_corpus, tmp_path):
     result = run_train(
         *TINY_RUN,
-        "model.softmax=adaptive",
-        "model.cutoffs=[4,12]",
+        "model.net.softmax=adaptive",
+        "model.net.cutoffs=[4,12]",
         f"data.dir={tiny_corpus}",
         f"data.cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert (
-        "model.cutoffs=[4, 12] is not allowed: it must be a strictly increasing list of integers, each 1 or "
-        "more and below the vocabulary size (12)" in result.stdout
+        "model.net.cutoffs=[4, 12] is not allowed: it must be a strictly increasing list of integers, "
+        "each 1 or more and below the vocabulary size (12)" in result.stdout
     )
     assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_the_default_is_the_full_softmax():
     model = compose_config().model
-    assert (model.softmax, model.cutoffs, model.div_value) == ("full", None, 4.0)
-    assert isinstance(LanguageModel(12).net.decoder, torch.nn.Linear)
+    assert (model.net.softmax, model.net.cutoffs, model.net.div_value) == ("full", None, 4.0)
+    assert isinstance(language_model(12).net.decoder, torch.nn.Linear)

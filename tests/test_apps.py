@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from evaluate import evaluation_device
 from lm import PROJECT_ROOT
 from lm.evaluation.generation import sample
-from lm.models.lstm import LSTMNetwork
+from lm.models.lstm import LSTMNetwork, LSTMOptions
 from tests.conftest import TINY_RUN, random_lines, run_script, run_train
 from tests.test_adaptation import run_evaluate
 
@@ -78,6 +78,34 @@ def test_a_damaged_checkpoint_is_a_clear_error(trained, tmp_path):
     assert result.returncode == 1
     assert f"ckpt_path={damaged} cannot be read as a checkpoint of this project" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "overrides", "lines"),
+    [
+        (
+            "generate.py",
+            ["prompt=the", "num_words=-1", "temperature=0.0001"],
+            [
+                "num_words=-1 is not allowed: it must be an integer, 0 or more.",
+                "temperature=0.0001 is not allowed: it must be a number: 0 (greedy) or at least 0.001.",
+            ],
+        ),
+        (
+            "score.py",
+            ["file=/nonexistent.txt", "carry_state=yes", "format=csv"],
+            [
+                "carry_state='yes' is not allowed: it must be true or false.",
+                "format='csv' is not allowed: it must be tsv or json.",
+            ],
+        ),
+    ],
+)
+def test_the_tools_name_every_bad_option_before_loading_the_model(tmp_path, script, overrides, lines):
+    result = run_script(script, "ckpt_path=/nonexistent.ckpt", *overrides, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    for line in lines:
+        assert line in result.stdout, result.stdout
 
 
 def test_line_scores_add_up_to_the_log_probability_of_the_file(trained, tmp_path):
@@ -149,7 +177,7 @@ def test_temperature_zero_is_greedy(trained, tmp_path):
 
 def test_sampling_stays_within_the_top_k_tokens():
     torch.manual_seed(0)
-    net = LSTMNetwork(vocab_size=50, hidden_size=16, num_layers=2, dropout=0.0, init_scale=1.0).eval()
+    net = LSTMNetwork(50, LSTMOptions(hidden_size=16, init_scale=1.0)).eval()
     prompt = torch.tensor([3, 1, 4])
     words = sample(
         net,

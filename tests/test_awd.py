@@ -1,37 +1,44 @@
 """AWD-LSTM's regularisers, variable windows and NT-ASGD (Merity et al. 2017)."""
 
+import dataclasses
 import math
 import warnings
 
 import lightning as L
 import pytest
 import torch
-from conftest import compose_config, quiet_trainer, write_corpus, write_tiny_corpus
+from conftest import compose_config, language_model, quiet_trainer, write_corpus, write_tiny_corpus
 from torch import nn
 
 from lm.data.datamodule import PTBDataModule
 from lm.data.windows import WindowDataset, batchify, variable_lengths
 from lm.models.dropout import embedding_dropout, locked_dropout
-from lm.models.lstm import LSTMNetwork
+from lm.models.lstm import LSTMNetwork, LSTMOptions
 from lm.training.module import LanguageModel
 from lm.training.safe_stop import TrainingCheckpoint
 
 
 def test_the_awd_preset_sets_the_paper_values_and_the_zaremba_presets_keep_them_off():
     awd = compose_config("model=awd")
-    assert (awd.model.embedding_size, awd.model.hidden_size, awd.model.num_layers) == (400, 1150, 3)
+    assert (awd.model.net.embedding_size, awd.model.net.hidden_size, awd.model.net.num_layers) == (
+        400,
+        1150,
+        3,
+    )
     dropouts = [
-        awd.model[key] for key in ("input_dropout", "hidden_dropout", "output_dropout", "embedding_dropout")
+        awd.model.net[key]
+        for key in ("input_dropout", "hidden_dropout", "output_dropout", "embedding_dropout")
     ]
-    assert dropouts == [0.4, 0.25, 0.4, 0.1] and awd.model.weight_drop == 0.5
+    assert dropouts == [0.4, 0.25, 0.4, 0.1] and awd.model.net.weight_drop == 0.5
     assert (awd.model.ar, awd.model.tar, awd.model.weight_decay, awd.model.lr) == (2, 1, 1.2e-6, 30)
-    assert awd.model.asgd_nonmono == 5 and awd.model.loss_average == "tokens" and awd.model.init == "awd"
+    assert awd.model.asgd_nonmono == 5 and awd.model.loss_average == "tokens" and awd.model.net.init == "awd"
     assert (awd.data.batch_size, awd.data.num_steps, awd.data.vary_num_steps) == (20, 70, True)
     assert (awd.trainer.max_epochs, awd.trainer.gradient_clip_val) == (500, 0.25)
     for preset in ("small", "medium", "large"):
         model = compose_config(f"model={preset}").model
-        assert not any(model[key] for key in ("weight_drop", "input_dropout", "ar", "tar", "weight_decay"))
-        assert model.loss_average == "streams" and model.init == "uniform" and model.asgd_nonmono is None
+        assert not any(model.net[key] for key in ("weight_drop", "input_dropout"))
+        assert not any(model[key] for key in ("ar", "tar", "weight_decay"))
+        assert model.loss_average == "streams" and model.net.init == "uniform" and model.asgd_nonmono is None
 
 
 def test_locked_dropout_keeps_one_mask_across_time():
@@ -63,7 +70,7 @@ def test_embedding_dropout_drops_whole_words_consistently():
 
 def test_weight_drop_changes_recurrent_weights_in_training_only_and_gradients_reach_them():
     torch.manual_seed(0)
-    net = LSTMNetwork(50, 16, 2, 0.0, 0.1, weight_drop=0.5)
+    net = LSTMNetwork(50, LSTMOptions(hidden_size=16, weight_drop=0.5))
     x = torch.randint(50, (3, 7))
     raw = [p.detach().clone() for p in net.parameters()]
 
@@ -84,18 +91,19 @@ def test_weight_drop_changes_recurrent_weights_in_training_only_and_gradients_re
     again, _ = net(x)
     assert torch.equal(again, plain)  # evaluation: the raw weights
     net.train()
-    net.weight_drop = 1e-12  # a mask that keeps everything: the masked path computes what nn.LSTM does
+    net.options = dataclasses.replace(net.options, weight_drop=1e-12)  # a mask that keeps everything:
+    # the masked path computes what nn.LSTM does
     nearly, _ = net(x)
     assert torch.allclose(nearly, plain, atol=1e-6)
 
 
 def test_zaremba_options_keep_one_multi_layer_lstm():
-    net = LSTMNetwork(50, 16, 2, 0.3, 0.1)
+    net = LSTMNetwork(50, LSTMOptions(hidden_size=16, dropout=0.3))
     assert len(net.rnns) == 1 and net.rnns[0].num_layers == 2 and net.rnns[0].dropout == 0.3
 
 
 def test_tied_weights_with_a_smaller_embedding_give_the_last_layer_its_size():
-    net = LSTMNetwork(50, 32, 3, 0.0, 0.1, tie_weights=True, embedding_size=8)
+    net = LSTMNetwork(50, LSTMOptions(hidden_size=32, num_layers=3, tie_weights=True, embedding_size=8))
     assert [rnn.hidden_size for rnn in net.rnns] == [32, 32, 8]
     assert net.decoder.weight is net.embedding.weight
     logits, state = net(torch.randint(50, (2, 5)))
@@ -146,7 +154,7 @@ def test_training_with_variable_windows_scales_lr_and_validates_every_epoch(tmp_
     datamodule = PTBDataModule(
         str(corpus), str(tmp_path / "cache"), batch_size=4, num_steps=20, vary_num_steps=True, seed=7
     )
-    model = LanguageModel(datamodule.vocab_size, hidden_size=8, lr=2.0, lr_decay=0.5, decay_after=1)
+    model = language_model(datamodule.vocab_size, hidden_size=8, lr=2.0, lr_decay=0.5, decay_after=1)
     recorder = Recorder()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -179,7 +187,7 @@ def test_nt_asgd_switches_when_validation_stops_improving_and_checkpoints_the_av
         {"train": ["a b c d"] * 300, "valid": ["a c b d"] * 40, "test": ["a c b d"] * 40},
     )
     datamodule = PTBDataModule(str(corpus), str(tmp_path / "cache"), batch_size=4, num_steps=10)
-    model = LanguageModel(datamodule.vocab_size, hidden_size=8, lr=1.0, lr_decay=1.0, asgd_nonmono=1)
+    model = language_model(datamodule.vocab_size, hidden_size=8, lr=1.0, lr_decay=1.0, asgd_nonmono=1)
 
     raw_weights = []  # the network's weights after every step since the switch
 
@@ -225,7 +233,7 @@ def test_nt_asgd_switches_when_validation_stops_improving_and_checkpoints_the_av
     )
     assert math.log(result["test/ppl"]) == pytest.approx(losses[-1], rel=1e-6)
 
-    resumed = LanguageModel(datamodule.vocab_size, hidden_size=8, lr=1.0, lr_decay=1.0, asgd_nonmono=1)
+    resumed = language_model(datamodule.vocab_size, hidden_size=8, lr=1.0, lr_decay=1.0, asgd_nonmono=1)
     trainer(5).fit(
         resumed, datamodule=datamodule, ckpt_path=tmp_path / "checkpoints" / "last.ckpt", weights_only=True
     )

@@ -7,23 +7,23 @@ import subprocess
 import sys
 
 from lm import PROJECT_ROOT
-from lm.models.lstm import LSTMNetwork
+from lm.models.lstm import LSTMNetwork, LSTMOptions
 from lm.training.summary import flops_per_token
 
 
 def test_flops_per_token_counts_the_matrix_multiplies_of_the_network_built():
     # small preset: 2 layers of [x, h] (400) x 4 gates (800), decoder 200 x 10,000; x3 for backward
-    small = LSTMNetwork(10_000, 200, 2, 0.0, 0.1)
+    small = LSTMNetwork(10_000, LSTMOptions(hidden_size=200))
     assert flops_per_token(small) == 3 * (2 * 2 * 400 * 800 + 2 * 200 * 10_000) == 15_840_000
     # awd_cpu's shapes: embedding 200, a first layer of 512, a last of 200 for the tied decoder.
     # Layer 1: [x, h] = 200 + 512 = 712 into 4 x 512 = 2,048 gates: 2 x 712 x 2,048 = 2,916,352.
     # Layer 2: [x, h] = 512 + 200 = 712 into 4 x 200 = 800 gates:   2 x 712 x   800 = 1,139,200.
     # Decoder: 200 into 10,000 logits:                               2 x 200 x 10,000 = 4,000,000.
     # Forward 8,055,552; with backward (twice the forward) 24,166,656.
-    awd_cpu = LSTMNetwork(10_000, 512, 2, 0.0, 0.1, tie_weights=True, embedding_size=200)
+    awd_cpu = LSTMNetwork(10_000, LSTMOptions(hidden_size=512, tie_weights=True, embedding_size=200))
     assert flops_per_token(awd_cpu) == 24_166_656
     # The adaptive softmax's cost depends on the targets: no figure rather than a wrong one.
-    adaptive = LSTMNetwork(10_000, 200, 2, 0.0, 0.1, softmax="adaptive", cutoffs=[2_000])
+    adaptive = LSTMNetwork(10_000, LSTMOptions(hidden_size=200, softmax="adaptive", cutoffs=[2_000]))
     assert math.isnan(flops_per_token(adaptive))
 
 
@@ -32,7 +32,7 @@ def test_the_benchmark_writes_its_table(tiny_corpus, tmp_path):
         f"data.dir={tiny_corpus}",
         f"data.cache_dir={tmp_path / 'cache'}",
         f"hydra.run.dir={tmp_path / 'bench'}",
-        "model.hidden_size=16",
+        "model.net.hidden_size=16",
         "data.batch_size=8",
         "bench.warmup_steps=5",
         "bench.train_steps=20",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lm.errors import UserError
-from lm.training.trainer import recover_training_state
+from lm.training.trainer import recover_state_after_spawn
 from tests.conftest import TINY_RUN, run_script, run_train, write_tiny_corpus
 from tests.test_config_checks import refused
 
@@ -81,7 +81,7 @@ def test_the_ddp_spawn_recovery_refuses_a_crafted_last_checkpoint(crafted):
     )
     trainer = types.SimpleNamespace(checkpoint_callback=checkpoint_callback, callbacks=[])
     with pytest.raises(UserError, match="holds a reference to exec, not only tensors"):
-        recover_training_state(trainer)
+        recover_state_after_spawn(trainer)
     assert not crafted["marker"].exists()
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lm.errors import UserError
-from lm.training.trainer import check_run_options
+from lm.training.options import check_command
 from tests.conftest import TINY_RUN, compose_config, random_lines, run_train, write_corpus
 
 
@@ -40,7 +40,7 @@ def refused(result, message: str) -> None:
 )
 def test_a_bad_run_option_is_named_with_what_is_allowed(override, message):
     with pytest.raises(UserError) as refusal:
-        check_run_options(compose_config(override))
+        check_command(compose_config(override))
     assert message in str(refusal.value)
 
 
@@ -49,6 +49,29 @@ def test_train_checks_the_run_options_before_any_data_is_read(tmp_path):
         "trainer.gradient_clip_val=-1", f"hydra.run.dir={tmp_path / 'run'}", "data.dir=/nonexistent"
     )
     refused(result, "trainer.gradient_clip_val=-1 is not allowed: it must be null or a")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_command_with_several_bad_options_names_them_all_before_any_data_is_read(tmp_path):
+    result = run_train(
+        "model.net.hidden_size=0",
+        "model.lr=-1",
+        "data.min_count=0",
+        "overwrite=no",
+        "trainer.gradient_clip_val=-1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "data.dir=/nonexistent",
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    for line in (
+        "model.net.hidden_size=0 is not allowed: it must be an integer, 1 or more.",
+        "model.lr=-1 is not allowed: it must be a number, 0 or more.",
+        "data.min_count=0 is not allowed: it must be an integer, 1 or more.",
+        "overwrite='no' is not allowed: it must be true or false.",
+        "trainer.gradient_clip_val=-1 is not allowed: it must be null or a number, 0 or more",
+    ):
+        assert line in result.stdout, result.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -67,7 +90,7 @@ def test_train_checks_the_run_options_before_any_data_is_read(tmp_path):
     ],
 )
 def test_what_lightning_accepts_passes(overrides):
-    check_run_options(compose_config(*overrides))
+    check_command(compose_config(*overrides))
 
 
 def tiny_run(tmp_path: Path, corpus: Path, *overrides: str):

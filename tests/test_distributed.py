@@ -20,7 +20,7 @@ def tiny(tmp_path_factory) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("distributed")
     corpus = write_tiny_corpus(root / "tiny")
     overrides = [*TINY_RUN, f"data.dir={corpus}", f"data.cache_dir={root / 'cache'}"]
-    return root, [*overrides, "model.dropout=0.0", "trainer.log_every_n_steps=1"]
+    return root, [*overrides, "model.net.dropout=0.0", "trainer.log_every_n_steps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_a_batch_that_does_not_divide_among_the_processes_is_a_clear_error(tiny_
 
 def test_a_sweep_cannot_relaunch_itself_through_ddp(tiny, tmp_path):
     _, overrides = tiny
-    result = run_train("-m", *overrides, *TWO_PROCESSES, "model.hidden_size=16,32", cwd=tmp_path)
+    result = run_train("-m", *overrides, *TWO_PROCESSES, "model.net.hidden_size=16,32", cwd=tmp_path)
     assert result.returncode == 1
     assert "A Hydra sweep (-m) cannot train on 2 processes with Lightning's ddp strategy" in result.stdout
     assert "Add trainer.strategy=ddp_spawn" in result.stdout
@@ -110,7 +110,7 @@ def test_a_sweep_cannot_relaunch_itself_through_ddp(tiny, tmp_path):
 def test_a_sweep_trains_each_run_on_two_spawned_processes(tiny, runs, tmp_path):
     _, overrides = tiny
     spawn = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn"]
-    result = run_train("-m", *overrides, *spawn, "model.hidden_size=16,32", cwd=tmp_path)
+    result = run_train("-m", *overrides, *spawn, "model.net.hidden_size=16,32", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = sorted(p for p in tmp_path.glob("outputs/multirun/*/*/*") if p.is_dir())
     assert [job.name.split("_")[0] for job in jobs] == ["0", "1"]

@@ -20,11 +20,12 @@ from omegaconf import open_dict
 from generate import generate
 from lm import PROJECT_ROOT
 from lm.data.datamodule import PTBDataModule
-from lm.models.lstm import LSTMNetwork
+from lm.models.lstm import LSTMNetwork, LSTMOptions
 from lm.training.module import Diverged, LanguageModel
 from score import score
 from tests.conftest import (
     TINY_RUN,
+    language_model,
     quiet_trainer,
     random_lines,
     run_script,
@@ -56,13 +57,13 @@ RUN = [
 DROPOUTS = {
     # Zaremba's: between the layers of one nn.LSTM, cuDNN drops units with a random state of its own,
     # seeded from the CUDA generator when that is seeded or set, and kept in no checkpoint.
-    "zaremba": ["model.dropout=0.3"],
+    "zaremba": ["model.net.dropout=0.3"],
     # AWD-LSTM's: locked dropout and weight-drop, every mask drawn from the CUDA generator.
     "awd": [
-        "model.input_dropout=0.2",
-        "model.hidden_dropout=0.2",
-        "model.output_dropout=0.2",
-        "model.weight_drop=0.3",
+        "model.net.input_dropout=0.2",
+        "model.net.hidden_dropout=0.2",
+        "model.net.output_dropout=0.2",
+        "model.net.weight_drop=0.3",
     ],
 }
 
@@ -139,8 +140,8 @@ def two_windows_and_gradients(model: LanguageModel, ids: torch.Tensor, device: t
 def test_cudnn_gives_the_cpus_logits_losses_and_gradients(options, ieee_float32, monkeypatch):
     assert torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
     torch.manual_seed(0)
-    cpu_model = LanguageModel(VOCAB, hidden_size=32, init_scale=0.3, **options)
-    gpu_model = LanguageModel(VOCAB, hidden_size=32, init_scale=0.3, **options)
+    cpu_model = language_model(VOCAB, hidden_size=32, init_scale=0.3, **options)
+    gpu_model = language_model(VOCAB, hidden_size=32, init_scale=0.3, **options)
     gpu_model.load_state_dict(cpu_model.state_dict())
     ids = torch.randint(VOCAB, (4, 21), generator=torch.Generator().manual_seed(1))
     cpu_logits, cpu_losses, cpu_grads = two_windows_and_gradients(cpu_model, ids, CPU, monkeypatch)
@@ -155,7 +156,7 @@ def test_cudnn_gives_the_cpus_logits_losses_and_gradients(options, ieee_float32,
 
 def test_weight_drop_on_cudnn_warns_nothing_and_leaves_the_weights_and_their_flat_buffer():
     torch.manual_seed(0)
-    net = LSTMNetwork(VOCAB, 32, 2, 0.0, 0.1, weight_drop=0.5).to(CUDA)
+    net = LSTMNetwork(VOCAB, LSTMOptions(hidden_size=32, weight_drop=0.5)).to(CUDA)
     weights = [p.detach().clone() for p in net.parameters()]
     # cuDNN's flat buffer: nn.LSTM's weights are views of one storage, which cuDNN reads directly.
     buffers = [{w.untyped_storage().data_ptr() for w in rnn._flat_weights} for rnn in net.rnns]
@@ -195,7 +196,7 @@ def test_bf16_mixed_trains_as_float32_does_and_keeps_the_perplexity_sums_in_floa
         datamodule = PTBDataModule(
             dir=folder, cache_dir=tmp_path / "cache", url="file:///nowhere", batch_size=8, num_steps=10
         )
-        model = LanguageModel(datamodule.vocab_size, hidden_size=32, init_scale=0.1, lr=1.0, decay_after=2)
+        model = language_model(datamodule.vocab_size, hidden_size=32, init_scale=0.1, lr=1.0, decay_after=2)
         trainer = quiet_trainer(
             "gpu", max_epochs=3, gradient_clip_val=5, precision=precision, callbacks=[RecordSums()]
         )
@@ -214,7 +215,7 @@ def test_divergence_on_the_gpu_stops_at_the_first_logging_step_after_it(tmp_path
     datamodule = PTBDataModule(
         dir=corpus, cache_dir=tmp_path / "cache", url="file:///nowhere", batch_size=8, num_steps=20
     )
-    model = LanguageModel(datamodule.vocab_size, hidden_size=16, lr_decay=3e38, decay_after=1)
+    model = language_model(datamodule.vocab_size, hidden_size=16, lr_decay=3e38, decay_after=1)
     trainer = quiet_trainer("gpu", max_epochs=2, log_every_n_steps=10, gradient_clip_val=5)
     with pytest.raises(Diverged) as stop:
         trainer.fit(model, datamodule=datamodule)

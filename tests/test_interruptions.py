@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 RUN = [
     *TINY_RUN,
-    "model.dropout=0.3",
+    "model.net.dropout=0.3",
     "trainer.log_every_n_steps=1",
     "trainer.max_epochs=3",
     "model.decay_after=1",  # the lr halves after every epoch from the second on

@@ -5,8 +5,7 @@ import random
 import lightning as L
 
 from lm.data.datamodule import PTBDataModule
-from lm.training.module import LanguageModel
-from tests.conftest import quiet_trainer, write_corpus
+from tests.conftest import language_model, quiet_trainer, write_corpus
 
 # Each line has 8 words; the word at position i is p{i}a or p{i}b, uniformly at random, and
 # <eos> surely follows the last one: 8 bits over 9 targets per line.
@@ -27,7 +26,7 @@ def test_validation_perplexity_approaches_the_true_perplexity(tmp_path):
     datamodule = PTBDataModule(
         dir=folder, cache_dir=tmp_path / "cache", url="file:///nowhere", batch_size=8, num_steps=10
     )
-    model = LanguageModel(datamodule.vocab_size, hidden_size=32, init_scale=0.1, lr=1.0, decay_after=2)
+    model = language_model(datamodule.vocab_size, hidden_size=32, init_scale=0.1, lr=1.0, decay_after=2)
     trainer = quiet_trainer(max_epochs=3, gradient_clip_val=5)
     trainer.fit(model, datamodule=datamodule)  # 3 x 224 steps
     val_ppl = trainer.callback_metrics["val/ppl"].item()

@@ -259,3 +259,17 @@ def test_only_ddp_on_several_processes_relaunches_the_command_line(strategy, dev
         f"{devices} process(es): Lightning {L.__version__}'s {type(trainer.strategy.launcher).__name__} is "
         "not the launcher it looks for, or no longer starts the other processes that way."
     )
+
+
+def test_attached_trainer_is_none_without_a_trainer_and_the_trainer_once_fitting():
+    from lm.training.lightning_private import attached_trainer
+
+    module = L.LightningModule()
+    assert attached_trainer(module) is None, (
+        "lightning_private.attached_trainer: LightningModule._trainer moved"
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    module.trainer = trainer
+    assert attached_trainer(module) is trainer

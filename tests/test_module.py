@@ -10,13 +10,12 @@ import torch.nn.functional as F
 
 from lm.data.datamodule import PTBDataModule
 from lm.training.metrics import Perplexity
-from lm.training.module import LanguageModel
-from tests.conftest import quiet_trainer
+from tests.conftest import language_model, quiet_trainer
 
 
 def tiny_setup(corpus_dir, tmp_path, **data):
     datamodule = PTBDataModule(dir=corpus_dir, cache_dir=tmp_path / "cache", url="file:///nowhere", **data)
-    model = LanguageModel(datamodule.vocab_size, hidden_size=8, init_scale=0.3)
+    model = language_model(datamodule.vocab_size, hidden_size=8, init_scale=0.3)
     return datamodule, model
 
 
@@ -64,7 +63,7 @@ def test_loss_is_summed_over_time_and_averaged_over_streams(tiny_corpus, tmp_pat
 
 def test_awd_loss_is_the_mean_per_target_plus_activation_regularisation(tiny_corpus, tmp_path):
     datamodule, _ = tiny_setup(tiny_corpus, tmp_path, batch_size=4, num_steps=10)
-    model = LanguageModel(datamodule.vocab_size, hidden_size=8, loss_average="tokens", ar=2.0, tar=1.0)
+    model = language_model(datamodule.vocab_size, hidden_size=8, loss_average="tokens", ar=2.0, tar=1.0)
     datamodule.setup("fit")
     x, y = next(iter(datamodule.train_dataloader()))
     out, _ = model.net.features(x)
@@ -91,7 +90,7 @@ def test_test_perplexity_equals_a_token_by_token_batch_1_loop(tiny_corpus, tmp_p
 
 def test_learning_rate_decays_once_per_epoch_after_decay_after(tiny_corpus, tmp_path):
     datamodule, _ = tiny_setup(tiny_corpus, tmp_path, batch_size=4, num_steps=10)
-    model = LanguageModel(datamodule.vocab_size, hidden_size=8, lr=1.0, lr_decay=0.5, decay_after=3)
+    model = language_model(datamodule.vocab_size, hidden_size=8, lr=1.0, lr_decay=0.5, decay_after=3)
     rates = []  # (epoch, lr) of every step, as the optimiser takes it
 
     class RecordLearningRate(L.Callback):
@@ -114,7 +113,7 @@ def test_perplexity_weighs_every_target_not_every_window():
 
 def test_epoch_train_perplexity_is_exact_over_the_epochs_windows(tiny_corpus, tmp_path):
     datamodule, _ = tiny_setup(tiny_corpus, tmp_path, batch_size=4, num_steps=10)
-    model = LanguageModel(datamodule.vocab_size, hidden_size=8, init_scale=0.3, lr=0.0)  # weights stay put
+    model = language_model(datamodule.vocab_size, hidden_size=8, init_scale=0.3, lr=0.0)  # weights stay put
     trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
     trainer.fit(model, datamodule=datamodule)
 

@@ -13,14 +13,13 @@ import torch
 from lm import PROJECT_ROOT
 from lm.data.datamodule import PTBDataModule
 from lm.training.metrics import summed_nll
-from lm.training.module import LanguageModel
-from tests.conftest import quiet_trainer
+from tests.conftest import language_model, quiet_trainer
 
 
 def validation_perplexity(corpus, tmp_path, hidden_size: int = 16, **model_options) -> float:
     L.seed_everything(3)
     datamodule = PTBDataModule(dir=corpus, cache_dir=tmp_path / "cache", url="file:///nowhere", batch_size=4)
-    model = LanguageModel(datamodule.vocab_size, hidden_size=hidden_size, dropout=0.2, **model_options)
+    model = language_model(datamodule.vocab_size, hidden_size=hidden_size, dropout=0.2, **model_options)
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=40, gradient_clip_val=5)
     trainer.fit(model, datamodule=datamodule)
     return trainer.callback_metrics["val/ppl"].item()
@@ -103,7 +102,7 @@ def test_keeping_freed_memory_reuses_freed_blocks_and_leaves_the_numbers_bit_ide
 def test_compiled_loss_gives_the_same_perplexity(tiny_corpus, tmp_path):
     eager = validation_perplexity(tiny_corpus, tmp_path)
     compiled = validation_perplexity(tiny_corpus, tmp_path, compile=True)
-    model = LanguageModel(vocab_size=12, compile=True)
+    model = language_model(vocab_size=12, compile=True)
     model.setup("fit")
     assert model.summed_nll is not summed_nll  # the compiled one is in use
     assert compiled == pytest.approx(eager, rel=1e-5)

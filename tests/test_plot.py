@@ -12,7 +12,7 @@ from lm.tools.plot import epoch_curves, find_runs, run_labels
 def test_a_sweep_gives_one_curve_per_run_labelled_by_its_overrides(grid_sweep, tmp_path):
     runs = find_runs(grid_sweep)
     assert [run.name.split("_")[0] for run in runs] == ["0", "1"]
-    assert run_labels(runs) == ["model.dropout=0.0", "model.dropout=0.3"]
+    assert run_labels(runs) == ["model.net.dropout=0.0", "model.net.dropout=0.3"]
 
     for run in runs:
         curves = epoch_curves(run)

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 import lm.training.trainer
 from lm.errors import Unsupported
 from lm.tools import bench
-from lm.training.trainer import check_run_options, cpu_runs_bf16_lstm
+from lm.training.options import check_command
+from lm.training.trainer import cpu_runs_bf16_lstm
 from tests.conftest import TINY_RUN, compose_config, run_train
 from tests.test_config_checks import refused
 
@@ -41,17 +42,17 @@ def test_the_probe_tells_whether_a_bf16_lstm_runs_here():
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_bf16_on_a_cpu_without_the_kernel_is_refused_before_any_data_is_read(no_bf16_lstm, precision):
     with pytest.raises(Unsupported) as refusal:
-        check_run_options(compose_config(f"trainer.precision={precision}", "data.dir=/nonexistent"))
+        check_command(compose_config(f"trainer.precision={precision}", "data.dir=/nonexistent"))
     message = str(refusal.value)
     assert f"trainer.precision={precision} cannot run on this CPU" in message
     assert "Use trainer.precision=32-true here, or bf16 on a GPU." in message
 
 
 def test_bf16_on_a_gpu_or_32_bits_on_this_cpu_are_not_refused(no_bf16_lstm, monkeypatch):
-    check_run_options(compose_config("trainer.precision=32-true"))
+    check_command(compose_config("trainer.precision=32-true"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    check_run_options(compose_config("trainer.precision=bf16-mixed"))  # accelerator auto: the GPU
-    check_run_options(compose_config("trainer.precision=bf16-mixed", "trainer.gpus=1"))
+    check_command(compose_config("trainer.precision=bf16-mixed"))  # accelerator auto: the GPU
+    check_command(compose_config("trainer.precision=bf16-mixed", "trainer.gpus=1"))
 
 
 def test_train_py_with_bf16_trains_or_stops_in_one_line(tiny_corpus, tmp_path):

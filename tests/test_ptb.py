@@ -92,7 +92,7 @@ def test_ptb_vocabulary_and_ids_are_pinned(ptb_dir, tmp_path):
 def test_ptb_perplexities_are_pinned(ptb_dir, tmp_path):
     result = run_train(
         "model=small",
-        "model.hidden_size=32",
+        "model.net.hidden_size=32",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=20",
         "trainer.limit_val_batches=20",

@@ -10,13 +10,20 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lm.data.datamodule import PTBDataModule
 from lm.errors import UserError
-from lm.training.module import LanguageModel
 from lm.training.run_folder import prepare_run_folder
 from lm.training.safe_stop import TrainingCheckpoint
-from tests.conftest import TINY_RUN, quiet_trainer, run_script, run_train, write_corpus, write_tiny_corpus
+from tests.conftest import (
+    TINY_RUN,
+    language_model,
+    quiet_trainer,
+    run_script,
+    run_train,
+    write_corpus,
+    write_tiny_corpus,
+)
 
 # Dropout on, so that only a restored random state can give the same numbers.
-EXACT = [*TINY_RUN, "model.dropout=0.3", "trainer.log_every_n_steps=1"]
+EXACT = [*TINY_RUN, "model.net.dropout=0.3", "trainer.log_every_n_steps=1"]
 STEPS = 105  # training steps in an epoch of the corpus below (8 streams of 20-token windows)
 
 
@@ -78,9 +85,9 @@ def test_resuming_at_an_epoch_boundary_reproduces_the_run(corpus, uninterrupted,
 
 
 def test_resuming_with_another_configuration_is_refused(corpus, uninterrupted):
-    result = run_train(*EXACT, *corpus, "model.dropout=0.5", f"resume={uninterrupted}")
+    result = run_train(*EXACT, *corpus, "model.net.dropout=0.5", f"resume={uninterrupted}")
     assert result.returncode == 1
-    assert "model.dropout=0.3 then, 0.5 now" in result.stdout
+    assert "model.net.dropout=0.3 then, 0.5 now" in result.stdout
 
 
 def test_a_damaged_checkpoint_cannot_be_resumed(corpus, uninterrupted, tmp_path):
@@ -133,16 +140,25 @@ def test_a_diverging_run_stops_at_the_first_bad_step_and_keeps_the_last_good_che
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.dropout=1.0", "model.dropout=1.0 is not allowed: it must be a number in [0, 1)."),
-        ("model.hidden_size=0", "model.hidden_size=0 is not allowed: it must be an integer, 1 or more."),
+        ("model.net.dropout=1.0", "model.net.dropout=1.0 is not allowed: it must be a number in [0, 1)."),
+        (
+            "model.net.hidden_size=0",
+            "model.net.hidden_size=0 is not allowed: it must be an integer, 1 or more.",
+        ),
         ("model.lr=-1", "model.lr=-1 is not allowed: it must be a number, 0 or more."),
-        ("model.num_layers=two", "model.num_layers='two' is not allowed: it must be an integer, 1 or more."),
+        (
+            "model.net.num_layers=two",
+            "model.net.num_layers='two' is not allowed: it must be an integer, 1 or more.",
+        ),
         (
             "model=huge",
             "Available options in 'model':\n\tawd\n\tawd_cpu\n\tawd_wt2\n\tlarge\n\tlstm_wt103\n\tmedium"
             "\n\tsmall",
         ),
-        ("model.weight_drop=0.5x", "model.weight_drop='0.5x' is not allowed: it must be a number in [0, 1)."),
+        (
+            "model.net.weight_drop=0.5x",
+            "model.net.weight_drop='0.5x' is not allowed: it must be a number in [0, 1).",
+        ),
         ("model.hiden_size=3", "Could not override 'model.hiden_size'"),
         (
             "resume=/nonexistent/run",
@@ -171,7 +187,7 @@ def test_last_ckpt_is_replaced_whole_or_not_at_all(tiny_corpus, tmp_path, monkey
     )
     checkpoints = TrainingCheckpoint(tmp_path / "checkpoints")
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[checkpoints])
-    trainer.fit(LanguageModel(datamodule.vocab_size, hidden_size=8), datamodule=datamodule)
+    trainer.fit(language_model(datamodule.vocab_size, hidden_size=8), datamodule=datamodule)
     good = checkpoints.last_path.read_bytes()
 
     def killed_while_saving(path, *args, **kwargs):
@@ -185,12 +201,12 @@ def test_last_ckpt_is_replaced_whole_or_not_at_all(tiny_corpus, tmp_path, monkey
 
 
 def test_evaluation_sums_are_not_saved_and_start_from_zero(tiny_corpus, tmp_path):
-    model = LanguageModel(100, hidden_size=8)
+    model = language_model(100, hidden_size=8)
     assert {key.split(".")[0] for key in model.state_dict() if "ppl" in key} == {"train_ppl"}
     datamodule = PTBDataModule(
         dir=tiny_corpus, cache_dir=tmp_path / "cache", url="file:///nowhere", batch_size=4
     )
-    model = LanguageModel(datamodule.vocab_size, hidden_size=8)
+    model = language_model(datamodule.vocab_size, hidden_size=8)
     datamodule.setup("test")
     model.val_ppl.update(torch.tensor(1e6, dtype=torch.float64), 1)  # left over from an earlier pass
     trainer = quiet_trainer()

@@ -129,7 +129,7 @@ def test_a_sweep_started_while_another_holds_its_folder_writes_nothing(tmp_path,
     sweep = tmp_path / "sweep"
     live_run(sweep, claim="claim_sweep_folder(NEW, folder)")
     before = files(sweep)
-    result = run_train("-m", *TINY_RUN, NO_DATA, "model.dropout=0.0,0.3", f"hydra.sweep.dir={sweep}")
+    result = run_train("-m", *TINY_RUN, NO_DATA, "model.net.dropout=0.0,0.3", f"hydra.sweep.dir={sweep}")
     refused(result, f"hydra.sweep.dir={sweep} is held by a sweep that is running now")
     assert files(sweep) == before and not [p for p in sweep.iterdir() if p.is_dir()]
 
@@ -183,7 +183,8 @@ def slurm_job(monkeypatch):
 
 def test_a_requeued_slurm_job_goes_on_from_the_last_checkpoint_its_earlier_process_saved(tmp_path, slurm_job):
     run = earlier_run(tmp_path / "run", {})
-    torch.save({"saved": "at the requeue signal"}, run / "checkpoints" / "last.ckpt")
+    checkpoint = {"saved": "at the requeue signal", "run_config": OmegaConf.to_container(NEW)}
+    torch.save(checkpoint, run / "checkpoints" / "last.ckpt")
     (run / LOCK_FILE).write_text("pid 1 on node7, SLURM job 4242\n")
     with pytest.raises(UserError, match="already holds the checkpoints of an earlier run"):
         prepare_run_folder(NEW, run)  # another job's run

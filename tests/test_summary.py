@@ -5,9 +5,8 @@ import re
 
 from lightning.pytorch.utilities.model_summary import summarize
 
-from lm.training.module import LanguageModel
 from lm.training.summary import flops_per_token, summary_table
-from tests.conftest import TINY_RUN, run_train
+from tests.conftest import TINY_RUN, language_model, run_train
 
 FLOPS_LINE = "Training FLOPs per token (matrix multiplies, forward and backward)"
 
@@ -30,6 +29,6 @@ def test_a_run_shows_the_training_flops_per_token_and_the_switch_turns_the_summa
 
 
 def test_the_adaptive_softmax_has_no_figure_rather_than_a_wrong_one():
-    model = LanguageModel(vocab_size=100, hidden_size=16, softmax="adaptive", cutoffs=[20])
+    model = language_model(vocab_size=100, hidden_size=16, softmax="adaptive", cutoffs=[20])
     table = summary_table(summarize(model), flops_per_token(model.net))
     assert "n/a       Training FLOPs per token (the adaptive softmax's depends on the targets)" in table

@@ -36,7 +36,7 @@ def test_each_run_of_a_sweep_has_its_own_complete_folder_named_by_its_overrides(
     runs = runs_of(grid_sweep)
     assert [run.name.split("_")[0] for run in runs] == ["0", "1"]
     for run, dropout in zip(runs, ("0.0", "0.3"), strict=True):
-        assert f"model.dropout={dropout}" in run.name and "data.dir" not in run.name
+        assert f"model.net.dropout={dropout}" in run.name and "data.dir" not in run.name
         assert (run / ".hydra" / "config.yaml").exists() and (run / "metrics.json").exists()
         assert len(list((run / "checkpoints").glob("*.ckpt"))) == 2
 
@@ -57,8 +57,8 @@ def test_a_run_folder_name_is_one_short_folder_name():
 def test_every_run_logs_its_hyperparameters_and_final_perplexities_for_the_hparams_tab(grid_sweep):
     for run, dropout in zip(runs_of(grid_sweep), (0.0, 0.3), strict=True):
         hparams = session_hparams(run)
-        assert hparams["model.dropout"] == pytest.approx(dropout)
-        assert (hparams["model.hidden_size"], hparams["data.batch_size"], hparams["seed"]) == (16, 8, 1)
+        assert hparams["model.net.dropout"] == pytest.approx(dropout)
+        assert (hparams["model.net.hidden_size"], hparams["data.batch_size"], hparams["seed"]) == (16, 8, 1)
 
         metrics = json.loads((run / "metrics.json").read_text())
         events = EventAccumulator(str(run / "tensorboard"))
@@ -128,7 +128,7 @@ def test_optuna_samples_the_search_space_with_a_fixed_seed_and_keeps_the_best(op
         "model.decay_after": 10,
     }
     assert (
-        configs[0]["model.hidden_size"] == configs[1]["model.hidden_size"] == 16
+        configs[0]["model.net.hidden_size"] == configs[1]["model.net.hidden_size"] == 16
     )  # fixed on the command line
 
     results = (optuna_sweep / "optimization_results.yaml").read_text()
@@ -158,7 +158,9 @@ def test_the_report_ranks_the_runs_and_writes_markdown_csv_and_curves(optuna_swe
         run = metrics[row["run"]]
         assert float(row["test_ppl"]) == run["test_ppl"] and int(row["epochs"]) == run["epochs"] == 2
         assert float(row["tokens_per_sec"]) == run["train_tokens_per_sec"]
-        assert "model.dropout=" in row["overrides"] and "model.hidden_size" not in row["overrides"]  # shared
+        assert (
+            "model.net.dropout=" in row["overrides"] and "model.net.hidden_size" not in row["overrides"]
+        )  # shared
 
     markdown = outputs["--markdown"].read_text().splitlines()
     assert (

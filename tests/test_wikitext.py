@@ -402,8 +402,8 @@ def test_the_configs_compose(monkeypatch):
 def test_the_wikitext_presets_compose_with_a_gpu(data, preset, expected, monkeypatch):
     cfg = compose_config(f"data={data}", f"model={preset}", "trainer.gpus=1")
     model = cfg.model
-    found = (cfg.data.batch_size, cfg.data.num_steps, model.num_layers, model.hidden_size)
-    found += (model.embedding_size, model.hidden_dropout, model.input_dropout)
+    found = (cfg.data.batch_size, cfg.data.num_steps, model.net.num_layers, model.net.hidden_size)
+    found += (model.net.embedding_size, model.net.hidden_dropout, model.net.input_dropout)
     assert found + (cfg.trainer.max_epochs, cfg.trainer.gradient_clip_val, cfg.seed) == expected
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert trainer_arguments(cfg.trainer)["accelerator"] == "gpu"

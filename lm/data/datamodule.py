@@ -5,11 +5,13 @@ import logging
 import warnings
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lm.data.options import DataOptions
 from lm.data.prepared import Corpus, load_corpus
 from lm.data.ptb import SPLITS, URL, ensure_ptb
 from lm.data.text import Tokenizer
@@ -17,6 +19,7 @@ from lm.data.vocabulary import Vocabulary
 from lm.data.wikitext import check_published_counts, ensure_wikitext, wikitext_files
 from lm.data.windows import InOrder, WindowDataset, batchify, variable_lengths
 from lm.errors import UserError
+from lm.options import problems, refuse
 
 log = logging.getLogger(__name__)
 # The windows of a resumed epoch go on where Lightning's restored progress says (`resumed_position`);
@@ -52,42 +55,13 @@ class TextDataModule(L.LightningDataModule):
     on the device count.
     """
 
-    def __init__(
-        self,
-        dir: str,
-        cache_dir: str,
-        batch_size: int = 20,
-        num_steps: int = 20,
-        eval_batch_size: int = 20,
-        test_batch_size: int = 1,
-        test_num_steps: int = 200,
-        level: str = "word",
-        lowercase: bool = False,
-        min_count: int = 1,
-        max_vocab: int | None = None,
-        pin_memory: bool = False,
-        vary_num_steps: bool = False,
-        seed: int = 1,
-    ):
+    def __init__(self, dir: str, cache_dir: str, **options: Any):
         super().__init__()
         self.dir = Path(dir).expanduser()
         self.cache_dir = Path(cache_dir).expanduser()
-        self.batch_size = batch_size
-        self.num_steps = num_steps
-        self.eval_batch_size = eval_batch_size
-        self.test_batch_size = test_batch_size
-        self.test_num_steps = test_num_steps
-        self.tokenizer = Tokenizer(level, lowercase)
-        if min_count < 1:
-            raise UserError(f"data.min_count={min_count}: a word must be seen at least once; use 1 or more.")
-        if max_vocab is not None and max_vocab < 3:
-            raise UserError(
-                f"data.max_vocab={max_vocab} leaves no room beside <unk> and <eos>; use 3 or more."
-            )
-        self.min_count = min_count
-        self.max_vocab = max_vocab
-        self.pin_memory = pin_memory
-        self.vary_num_steps, self.seed = vary_num_steps, seed
+        refuse(problems(DataOptions, options, "data"))
+        self.options = DataOptions(**options)
+        self.tokenizer = Tokenizer(self.options.level, self.options.lowercase)
         self.streams: dict[str, torch.Tensor] = {}
 
     def __getstate__(self) -> dict:
@@ -110,7 +84,9 @@ class TextDataModule(L.LightningDataModule):
     @cached_property
     def corpus(self) -> Corpus:
         files = self.files()
-        corpus = load_corpus(files, self.cache_dir, self.tokenizer, self.min_count, self.max_vocab)
+        corpus = load_corpus(
+            files, self.cache_dir, self.tokenizer, self.options.min_count, self.options.max_vocab
+        )
         unknown = corpus.unknown
         for name, ids in corpus.splits.items():
             if len(ids) == 0:
@@ -127,8 +103,8 @@ class TextDataModule(L.LightningDataModule):
             len(corpus.vocab),
             self.tokenizer.level,
             ", lowercased" if self.tokenizer.lowercase else "",
-            self.min_count,
-            self.max_vocab,
+            self.options.min_count,
+            self.options.max_vocab,
             self.dir,
         )
         return corpus
@@ -144,18 +120,21 @@ class TextDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         sizes = {
-            "train": (self.batch_size, self.num_steps, "data.batch_size", "data.num_steps"),
-            "valid": (self.eval_batch_size, self.num_steps, "data.eval_batch_size", "data.num_steps"),
+            "train": (self.options.batch_size, self.options.num_steps, "data.batch_size", "data.num_steps"),
+            "valid": (
+                self.options.eval_batch_size,
+                self.options.num_steps,
+                "data.eval_batch_size",
+                "data.num_steps",
+            ),
             "test": (
-                self.test_batch_size,
-                self.test_num_steps,
+                self.options.test_batch_size,
+                self.options.test_num_steps,
                 "data.test_batch_size",
                 "data.test_num_steps",
             ),
         }
         for split, (batch_size, num_steps, batch_key, steps_key) in sizes.items():
-            if batch_size < 1 or num_steps < 1:
-                raise UserError(f"{batch_key}={batch_size} and {steps_key}={num_steps} must be at least 1.")
             streams = batchify(self.corpus.splits[split], batch_size)
             needed = num_steps + 1 if split == "train" else 2
             if streams.size(1) < needed:
@@ -169,8 +148,8 @@ class TextDataModule(L.LightningDataModule):
     def check_divides(self, world_size: int) -> None:
         """The global batches must split evenly among the processes (docs/design.md, "Many devices")."""
         for key, streams in (
-            ("data.batch_size", self.batch_size),
-            ("data.eval_batch_size", self.eval_batch_size),
+            ("data.batch_size", self.options.batch_size),
+            ("data.eval_batch_size", self.options.eval_batch_size),
         ):
             if streams % world_size:
                 raise UserError(
@@ -198,28 +177,30 @@ class TextDataModule(L.LightningDataModule):
             dataset,
             batch_size=None,
             sampler=InOrder(len(dataset)),
-            pin_memory=self.pin_memory,
+            pin_memory=self.options.pin_memory,
             generator=torch.Generator(),
         )
 
     def train_dataloader(self) -> DataLoader:
         lengths = None
-        if self.vary_num_steps and self.trainer:
+        if self.options.vary_num_steps and self.trainer:
             # New windows each epoch, the same ones for every rank and for a resumed epoch: drawn
             # from the run's seed and the epoch. Their number changes, so Lightning must ask for
             # a new loader every epoch.
             self.trainer.reload_dataloaders_every_n_epochs = 1
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.trainer.current_epoch)
-            lengths = variable_lengths(self.streams["train"].size(1) - 1, self.num_steps, generator)
-        loader = self._loader("train", self.num_steps, full_windows_only=True, lengths=lengths)
+            generator = torch.Generator().manual_seed(
+                self.options.seed * 100_003 + self.trainer.current_epoch
+            )
+            lengths = variable_lengths(self.streams["train"].size(1) - 1, self.options.num_steps, generator)
+        loader = self._loader("train", self.options.num_steps, full_windows_only=True, lengths=lengths)
         loader.sampler.start = resumed_position(self.trainer, len(loader)) if self.trainer else 0
         return loader
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", self.num_steps, full_windows_only=False)
+        return self._loader("valid", self.options.num_steps, full_windows_only=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.test_num_steps, full_windows_only=False)
+        return self._loader("test", self.options.test_num_steps, full_windows_only=False)
 
 
 class PTBDataModule(TextDataModule):
@@ -253,7 +234,13 @@ class WikiTextDataModule(TextDataModule):
         counts = {split: len(ids) for split, ids in corpus.splits.items()}
         files = wikitext_files(self.dir)
         check_published_counts(
-            self.name, files, counts, len(corpus.vocab), self.tokenizer, self.min_count, self.max_vocab
+            self.name,
+            files,
+            counts,
+            len(corpus.vocab),
+            self.tokenizer,
+            self.options.min_count,
+            self.options.max_vocab,
         )
         return corpus
 

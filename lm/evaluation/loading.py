@@ -1,33 +1,45 @@
-"""A trained model back from its checkpoint, with its vocabulary, or one clear error."""
+"""A trained model back from its checkpoint: its network and vocabulary, or one clear error. The one
+module of lm/evaluation that reads a checkpoint (what one holds is lm/training/checkpoint.py's)."""
 
-import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lm.data.vocabulary import Vocabulary
 from lm.errors import UserError
-from lm.training.checkpoint import unsafe_checkpoint
-from lm.training.module import LanguageModel
+from lm.models.network import Network
+from lm.training.checkpoint import network_node, read_checkpoint
+from lm.training.options import build_network
 
 
-def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> LanguageModel:
+@dataclass
+class TrainedModel:
+    """What using a model needs: the network (the average, for an NT-ASGD run) and its vocabulary."""
+
+    net: Network
+    vocabulary: Vocabulary
+
+
+def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> TrainedModel:
     """The model of a `train.py` checkpoint, in evaluation mode on `device`."""
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise UserError(f"ckpt_path={path} is not a file; give a .ckpt from a run's checkpoints/ folder.")
     try:
-        # Not compiled: a run pays compilation back over epochs, one pass over a text does not.
-        model = LanguageModel.load_from_checkpoint(path, map_location="cpu", weights_only=True, compile=False)
-    except pickle.UnpicklingError as error:  # more than tensors and plain values: it could run code
-        raise unsafe_checkpoint(path, "ckpt_path", error) from None
-    except Exception as error:  # truncated, corrupt, or not a checkpoint of this project
+        checkpoint = read_checkpoint(path, "ckpt_path")  # refuses, in one line, what could run code
+        net = build_network(network_node(checkpoint), checkpoint["hyper_parameters"]["vocab_size"])
+        state = checkpoint["state_dict"]  # the network's weights are "net.*" (NT-ASGD: the average)
+        net.load_state_dict({key.removeprefix("net."): state[key] for key in state if key.startswith("net.")})
+        vocabulary = Vocabulary.from_state_dict(checkpoint["vocabulary"])
+    except UserError:
+        raise
+    except Exception as error:  # truncated, damaged, or not a checkpoint of this project
         raise UserError(
             f"ckpt_path={path} cannot be read as a checkpoint of this project ({type(error).__name__}: "
             f"{error}). It may be truncated or damaged; use another one, such as the run's last.ckpt."
         ) from error
-    if model.vocabulary is None:
-        raise UserError(f"ckpt_path={path} holds no vocabulary: it was saved before checkpoints carried one.")
-    return model.to(device).eval()
+    return TrainedModel(net.to(device).eval(), vocabulary)
 
 
 def pick_device(name: str) -> torch.device:

@@ -8,89 +8,139 @@ of those is off by default, and with all of them off the layers run as one multi
 """
 
 import warnings
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lm.models.dropout import embedding_dropout, locked_dropout
-from lm.models.network import State
+from lm.models.network import NetworkOptions, State
 from lm.models.softmax import AdaptiveSoftmax, FullSoftmax
+from lm.options import FRACTION, above, at_least, option, refusal
+
+
+@dataclass(frozen=True)
+class LSTMOptions(NetworkOptions):
+    """model.net.* of `model/net=lstm` (the default): Zaremba's LSTM, and AWD-LSTM's regularisers,
+    each of those off by default."""
+
+    name = "lstm"
+    hidden_size: int = option(200, at_least(1))
+    """Units of each layer; with tie_weights the last one has embedding_size."""
+    num_layers: int = option(2, at_least(1))
+    """LSTM layers."""
+    dropout: float = option(0.0, FRACTION)
+    """Zaremba's: a new mask per step on the embedding output, between the layers and on the output."""
+    init_scale: float = option(0.1, above(0))
+    """Weights start uniform in +-init_scale (init=awd: the embedding's and the softmax's only)."""
+    tie_weights: bool = option(False)
+    """The decoder shares the embedding matrix (Press & Wolf 2017, Inan et al. 2017)."""
+    embedding_size: int | None = option(None, at_least(1))
+    """Null: hidden_size. With tie_weights the last layer gets this size (AWD-LSTM: 400 / 1150 / 400)."""
+    input_dropout: float = option(0.0, FRACTION)
+    """Locked dropout (one mask per sequence, the same at every step) on the embedding output."""
+    hidden_dropout: float = option(0.0, FRACTION)
+    """Locked dropout between the LSTM layers."""
+    output_dropout: float = option(0.0, FRACTION)
+    """Locked dropout on the last layer's output."""
+    embedding_dropout: float = option(0.0, FRACTION)
+    """Drops whole words: a dropped word's embedding is zero wherever it occurs in the batch."""
+    weight_drop: float = option(0.0, FRACTION)
+    """DropConnect on each layer's hidden-to-hidden weights, a new mask per window."""
+    init: Literal["uniform", "awd"] = option("uniform")
+    """uniform: every weight in +-init_scale (Zaremba); awd: the embedding and softmax, the LSTM PyTorch's."""
+    softmax: Literal["full", "adaptive"] = option("full")
+    """full: one linear layer over the vocabulary; adaptive: Grave et al.'s head and tail clusters."""
+    cutoffs: list[int] | None = option(None)
+    """adaptive: the first id of each tail cluster, ids running frequent to rare (PTB: [6000])."""
+    div_value: float = option(4.0, above(0))
+    """adaptive: each cluster's projection 1/div_value the size of the one before (torch's default)."""
+
+    def network(self, vocab_size: int) -> "LSTMNetwork":
+        return LSTMNetwork(vocab_size, self)
+
+    def problems(self, prefix: str, vocab_size: int | None = None) -> list[str]:
+        """The adaptive softmax's cutoffs (against the vocabulary once its size is known), its
+        projections' sizes, and tying, which it cannot do."""
+        if self.softmax != "adaptive":
+            if self.cutoffs is None:
+                return []
+            allowed = f"null with {prefix}.softmax=full; set {prefix}.softmax=adaptive to use them"
+            return [refusal(f"{prefix}.cutoffs", self.cutoffs, allowed)]
+        if not _increasing(self.cutoffs, vocab_size):
+            limit = "" if vocab_size is None else f" and below the vocabulary size ({vocab_size})"
+            allowed = f"a strictly increasing list of integers, each 1 or more{limit}, such as [2000,5000]"
+            return [refusal(f"{prefix}.cutoffs", self.cutoffs, allowed)]
+        lines = []
+        if self.hidden_size // self.div_value ** len(self.cutoffs) < 1:
+            lines.append(
+                f"{prefix}.div_value={self.div_value} leaves the last of {len(self.cutoffs)} tail clusters "
+                f"no projection ({prefix}.hidden_size {self.hidden_size} // {self.div_value} ** "
+                f"{len(self.cutoffs)} = 0 units): lower {prefix}.div_value or give fewer {prefix}.cutoffs."
+            )
+        if self.tie_weights:
+            lines.append(
+                f"{prefix}.tie_weights=true is not allowed with {prefix}.softmax=adaptive: its projections "
+                f"cannot share the embedding matrix; set {prefix}.tie_weights=false or {prefix}.softmax=full."
+            )
+        return lines
+
+
+def _increasing(cutoffs: list[int] | None, vocab_size: int | None) -> bool:
+    """1 <= c_1 < c_2 < ... < vocab_size."""
+    if not cutoffs:
+        return False
+    increasing = cutoffs[0] >= 1 and all(a < b for a, b in pairwise(cutoffs))
+    return increasing and (vocab_size is None or cutoffs[-1] < vocab_size)
 
 
 class LSTMNetwork(nn.Module):
-    """Word-level LSTM network, keeping lm/models/network.py's contract. Options beyond Zaremba's
-    are AWD-LSTM's, all off by default.
+    """Word-level LSTM network, keeping lm/models/network.py's contract; its options are
+    `LSTMOptions`' (the embedding size, when tied, is the last layer's size: AWD-LSTM's 400 / 1150 /
+    1150 / 400). The adaptive softmax's i-th tail cluster (ids from `cutoffs[i - 1]`) sits behind a
+    projection of (last layer size) // div_value ** i units."""
 
-    `dropout`: Zaremba's, a new mask per step on the embedding output, between layers and on the
-    output. `input_dropout`, `hidden_dropout`, `output_dropout`: locked (variational) dropout at
-    the same three places. `embedding_dropout`: drops whole words. `weight_drop`: DropConnect on
-    each layer's hidden-to-hidden weights, a new mask per window. With `tie_weights` the decoder
-    shares the embedding matrix; when `embedding_size` differs from `hidden_size` the last layer
-    has `embedding_size` units, as in AWD-LSTM. `softmax="adaptive"`: a head over the ids below
-    `cutoffs[0]` and one entry per tail cluster, the i-th cluster (from `cutoffs[i - 1]`) behind a
-    projection of (last layer size) // div_value ** i units.
-    """
-
-    def __init__(
-        self,
-        vocab_size: int,
-        hidden_size: int,
-        num_layers: int,
-        dropout: float,
-        init_scale: float,
-        tie_weights: bool = False,
-        embedding_size: int | None = None,
-        input_dropout: float = 0.0,
-        hidden_dropout: float = 0.0,
-        output_dropout: float = 0.0,
-        embedding_dropout: float = 0.0,
-        weight_drop: float = 0.0,
-        init: str = "uniform",
-        softmax: str = "full",
-        cutoffs: list[int] | None = None,
-        div_value: float = 4.0,
-    ):
+    def __init__(self, vocab_size: int, options: LSTMOptions):
         super().__init__()
-        embedding_size = embedding_size or hidden_size
-        self.input_dropout, self.hidden_dropout = input_dropout, hidden_dropout
-        self.output_dropout, self.embedding_dropout, self.weight_drop = (
-            output_dropout,
-            embedding_dropout,
-            weight_drop,
-        )
+        o = self.options = options
+        hidden_size, embedding_size = o.hidden_size, o.embedding_size or o.hidden_size
         self.embedding = nn.Embedding(vocab_size, embedding_size)
-        self.step_dropout = nn.Dropout(dropout)  # Zaremba's: a new mask at every step
-        last_size = embedding_size if tie_weights else hidden_size
-        sizes = [embedding_size] + [hidden_size] * (num_layers - 1) + [last_size]
-        if hidden_dropout or weight_drop or len(set(sizes)) > 1:  # needs a hand between the layers
+        self.step_dropout = nn.Dropout(o.dropout)  # Zaremba's: a new mask at every step
+        last_size = embedding_size if o.tie_weights else hidden_size
+        sizes = [embedding_size] + [hidden_size] * (o.num_layers - 1) + [last_size]
+        if o.hidden_dropout or o.weight_drop or len(set(sizes)) > 1:  # needs a hand between the layers
             self.rnns = nn.ModuleList(
-                nn.LSTM(sizes[i], sizes[i + 1], batch_first=True) for i in range(num_layers)
+                nn.LSTM(sizes[i], sizes[i + 1], batch_first=True) for i in range(o.num_layers)
             )
         else:  # nn.LSTM's `dropout` acts between layers only
             self.rnns = nn.ModuleList(
-                [nn.LSTM(hidden_size, hidden_size, num_layers, dropout=dropout, batch_first=True)]
+                [nn.LSTM(hidden_size, hidden_size, o.num_layers, dropout=o.dropout, batch_first=True)]
             )
         self.output_size = last_size  # what the softmax, and the cache, read at each position
         # The head, under the names its weights have in checkpoints: `decoder` or `adaptive_softmax`.
         self.decoder, self.adaptive_softmax = None, None
-        if softmax == "full":
+        if o.softmax == "full":
             self.decoder = FullSoftmax(last_size, vocab_size)
         else:
             self.adaptive_softmax = AdaptiveSoftmax(
-                last_size, vocab_size, list(cutoffs), div_value, head_bias=True
+                last_size, vocab_size, list(o.cutoffs), o.div_value, head_bias=True
             )
-        if init == "uniform":  # Zaremba: every weight uniform in [-init_scale, init_scale]
+        if o.init == "uniform":  # Zaremba: every weight uniform in [-init_scale, init_scale]
             for parameter in self.parameters():
-                nn.init.uniform_(parameter, -init_scale, init_scale)
-        elif init == "awd":  # AWD-LSTM: embedding and softmax weights uniform, bias 0, LSTM PyTorch's default
-            nn.init.uniform_(self.embedding.weight, -init_scale, init_scale)
+                nn.init.uniform_(parameter, -o.init_scale, o.init_scale)
+        elif (
+            o.init == "awd"
+        ):  # AWD-LSTM: embedding and softmax weights uniform, bias 0, LSTM PyTorch's default
+            nn.init.uniform_(self.embedding.weight, -o.init_scale, o.init_scale)
             for name, parameter in self.softmax.named_parameters():
                 if name.endswith("bias"):
                     nn.init.zeros_(parameter)
                 else:
-                    nn.init.uniform_(parameter, -init_scale, init_scale)
-        if tie_weights:  # Press & Wolf (2017), Inan et al. (2017)
+                    nn.init.uniform_(parameter, -o.init_scale, o.init_scale)
+        if o.tie_weights:  # Press & Wolf (2017), Inan et al. (2017)
             self.decoder.weight = self.embedding.weight
 
     @property
@@ -99,18 +149,18 @@ class LSTMNetwork(nn.Module):
 
     def features(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """The last layer's outputs (batch, steps, size), before output dropout, and the new state."""
-        out = embedding_dropout(self.embedding, x, self.embedding_dropout, self.training)
-        out = self.step_dropout(locked_dropout(out, self.input_dropout, self.training))
+        out = embedding_dropout(self.embedding, x, self.options.embedding_dropout, self.training)
+        out = self.step_dropout(locked_dropout(out, self.options.input_dropout, self.training))
         new_state = []
         for i, rnn in enumerate(self.rnns):
             if i > 0:
-                out = self.step_dropout(locked_dropout(out, self.hidden_dropout, self.training))
+                out = self.step_dropout(locked_dropout(out, self.options.hidden_dropout, self.training))
             out, layer_state = self._run(rnn, out, None if state is None else state[i])
             new_state.append(layer_state)
         return out, new_state
 
     def drop_output(self, features: torch.Tensor) -> torch.Tensor:
-        return self.step_dropout(locked_dropout(features, self.output_dropout, self.training))
+        return self.step_dropout(locked_dropout(features, self.options.output_dropout, self.training))
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Logits (batch, steps, vocab) for token ids x (batch, steps); a None state means zeros."""
@@ -129,7 +179,7 @@ class LSTMNetwork(nn.Module):
         return self.softmax.evaluate_targets(features, targets)
 
     def _run(self, rnn: nn.LSTM, x: torch.Tensor, state: tuple[torch.Tensor, ...] | None):
-        if not (self.training and self.weight_drop):
+        if not (self.training and self.options.weight_drop):
             return rnn(x, state)
         # DropConnect (Wan et al. 2013) on the recurrent weights: the masked matrix goes to the
         # LSTM op directly, so the parameters, and nn.LSTM's flat cuDNN buffer, stay untouched and
@@ -137,7 +187,7 @@ class LSTMNetwork(nn.Module):
         # as the AWD-LSTM code did, breaks on current PyTorch.)
         weights = [
             rnn.weight_ih_l0,
-            F.dropout(rnn.weight_hh_l0, self.weight_drop),
+            F.dropout(rnn.weight_hh_l0, self.options.weight_drop),
             rnn.bias_ih_l0,
             rnn.bias_hh_l0,
         ]

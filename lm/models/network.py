@@ -15,7 +15,7 @@ The state is what the network carries from one window to the next:
 """
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -54,3 +54,20 @@ class Network(Protocol):
 
     def __call__(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """Logits for ids x and the new state (generation, dynamic evaluation's statistics)."""
+
+
+class NetworkOptions:
+    """The base of each network's options, a dataclass declared in the network's module (as
+    `LSTMOptions`): lm/config.py offers every subclass to Hydra as a `model/net` choice, named
+    `name`, whose keys are its fields. The LightningModule and the tools build the network with
+    `network(vocab_size)`."""
+
+    name: ClassVar[str]  # the choice: python train.py model/net=<name>
+
+    def network(self, vocab_size: int) -> Network:
+        raise NotImplementedError
+
+    def problems(self, prefix: str, vocab_size: int | None = None) -> list[str]:
+        """What the options refuse together, one line each, each value being already of its field's
+        type and within its rule; with `vocab_size`, against the vocabulary too."""
+        return []

@@ -24,6 +24,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ composes)
 from lm.allocator import keep_freed_memory
 from lm.errors import Unsupported
 from lm.evaluation.dynamic_eval import DynamicEvaluation
@@ -64,7 +65,7 @@ class PlainLoop:
         self, model: L.LightningModule, clip: float, device: torch.device, precision: str | None = None
     ):
         self.net = model.net.to(device).train()
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=model.hparams.lr)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=model.options.lr)
         self.clip, self.device = clip, device
         self.autocast_dtype = AUTOCAST_DTYPES.get(str(precision))  # None: float32, autocast off
 
@@ -125,7 +126,7 @@ def timed_dynamic_evaluation(model, datamodule, tokens: int | None, device: torc
 
     def seconds(dynamic: DynamicEvaluation | None) -> float:
         started = time.perf_counter()
-        score_stream(net, ids, device, datamodule.test_num_steps, dynamic)
+        score_stream(net, ids, device, datamodule.options.test_num_steps, dynamic)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - started
@@ -206,7 +207,7 @@ def bench(cfg: DictConfig) -> dict:
     # Alternate the two paths; each covers `rounds * steps` windows of the epoch. The matmul
     # reference is probed between the stretches too, so it sees the same drifts.
     lightning_seconds = plain_seconds = 0.0
-    tokens = steps * datamodule.streams["train"].size(0) * datamodule.num_steps
+    tokens = steps * datamodule.streams["train"].size(0) * datamodule.options.num_steps
     matmul_dtype = plain.autocast_dtype or torch.float32
 
     def probe_matmul() -> float:

@@ -132,10 +132,10 @@ def train_phase(corpus: Path, cache: Path, hidden_size: int, cutoffs: list[int],
     torch.manual_seed(0)
     datamodule = TextDataModule(str(corpus), str(cache), batch_size=20, num_steps=35)
     datamodule.setup("fit")
-    common = {"vocab_size": datamodule.vocab_size, "hidden_size": hidden_size, "num_layers": 2}
+    lstm = {"_target_": "lm.models.lstm.LSTMOptions", "hidden_size": hidden_size, "num_layers": 2}
     models = {
-        "full": LanguageModel(**common, dropout=0.0, init_scale=0.1),
-        "adaptive": LanguageModel(**common, dropout=0.0, init_scale=0.1, softmax="adaptive", cutoffs=cutoffs),
+        "full": LanguageModel(datamodule.vocab_size, lstm),
+        "adaptive": LanguageModel(datamodule.vocab_size, {**lstm, "softmax": "adaptive", "cutoffs": cutoffs}),
     }
     loops = {name: PlainLoop(model, clip=5.0, device=torch.device("cpu")) for name, model in models.items()}
     seconds = dict.fromkeys(models, 0.0)
@@ -207,9 +207,9 @@ def main() -> None:
         str(PROJECT_ROOT / "train.py"),
         "data=text",
         f"data.dir={corpus}",
-        f"model.hidden_size={args.hidden_size}",
-        "model.softmax=adaptive",
-        f"model.cutoffs=[{','.join(map(str, args.cutoffs))}]",
+        f"model.net.hidden_size={args.hidden_size}",
+        "model.net.softmax=adaptive",
+        f"model.net.cutoffs=[{','.join(map(str, args.cutoffs))}]",
         "trainer.max_steps=1",
         "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1",

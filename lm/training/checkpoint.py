@@ -24,6 +24,7 @@ and what the LightningModule adds, all in `save_module_state` below:
 Every entry is a tensor or a plain value, so `read_checkpoint` unpickles with weights_only=True.
 """
 
+import dataclasses
 import os
 import pickle
 import random
@@ -37,7 +38,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lm.data.vocabulary import Vocabulary
 from lm.errors import UserError
+from lm.models.lstm import LSTMOptions
 from lm.models.network import map_state
+from lm.training.lightning_private import attached_trainer
 
 
 def read_checkpoint(path: Path, key: str) -> dict:
@@ -61,12 +64,37 @@ def unsafe_checkpoint(path: Path, key: str, error: Exception) -> UserError:
     )
 
 
+def network_node(checkpoint: dict) -> dict:
+    """The network's options node (model.net) of a checkpoint. Up to 3217f87 the LSTM's options were
+    the module's own arguments, beside the training options."""
+    hyper_parameters = checkpoint["hyper_parameters"]
+    if "net" in hyper_parameters:
+        return hyper_parameters["net"]
+    return {"_target_": "lm.models.lstm.LSTMOptions", **_lstm_options_of(hyper_parameters)}
+
+
+def run_config_now(run_config: dict) -> dict:
+    """A checkpoint's run configuration in today's layout: up to 3217f87 the LSTM's options were
+    model.*, not model.net.*."""
+    model = dict(run_config.get("model", {}))
+    if model and "net" not in model:
+        model["net"] = _lstm_options_of(model)
+        model = {key: value for key, value in model.items() if key not in model["net"]}
+    return {**run_config, "model": model}
+
+
+def _lstm_options_of(options: dict) -> dict:
+    names = {field.name for field in dataclasses.fields(LSTMOptions)}
+    return {key: value for key, value in options.items() if key in names}
+
+
 def save_module_state(module: L.LightningModule, checkpoint: dict) -> None:
     """The LightningModule's entries (called on every rank: the gathers need them all)."""
     if module.vocabulary is not None:
         checkpoint["vocabulary"] = module.vocabulary.state_dict()
     checkpoint["train_state"] = _all_ranks_state(module)
-    if module._trainer is not None and module.trainer.world_size > 1:  # each rank's sums of the epoch so far
+    trainer = attached_trainer(module)
+    if trainer is not None and trainer.world_size > 1:  # each rank's sums of the epoch so far
         sums = torch.stack([module.train_ppl.nll_sum, module.train_ppl.count])
         checkpoint["train_ppl_by_rank"] = module.all_gather(sums)  # (ranks, 2)
     if module.run_config is not None:
@@ -77,7 +105,8 @@ def save_module_state(module: L.LightningModule, checkpoint: dict) -> None:
 def load_module_state(module: L.LightningModule, checkpoint: dict) -> None:
     """Before Lightning loads `checkpoint["state_dict"]` into the module: its vocabulary (refused
     when resuming on other data), the averaging, this rank's sums and carried state."""
-    fitting = module._trainer is not None and module.trainer.state.fn == "fit"
+    trainer = attached_trainer(module)
+    fitting = trainer is not None and trainer.state.fn == "fit"
     saved = Vocabulary.from_state_dict(checkpoint["vocabulary"])
     if fitting and module.vocabulary is not None and saved != module.vocabulary:
         raise UserError(
@@ -87,7 +116,7 @@ def load_module_state(module: L.LightningModule, checkpoint: dict) -> None:
         )
     module.vocabulary = saved
     module.averaging.load(checkpoint, module.net, fitting)
-    world, rank = (module.trainer.world_size, module.trainer.global_rank) if module._trainer else (1, 0)
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
     _restore_training_sums(checkpoint, world, rank)
     state = checkpoint.get("train_state")
     if state is not None and world > 1:
@@ -112,7 +141,8 @@ def _restore_training_sums(checkpoint: dict, world: int, rank: int) -> None:
 def _all_ranks_state(module: L.LightningModule):
     """The carried state of all streams: each rank holds its own rows (called on every rank)."""
     state = module.train_state
-    if state is None or module._trainer is None or module.trainer.world_size == 1:
+    trainer = attached_trainer(module)
+    if state is None or trainer is None or trainer.world_size == 1:
         return state
     # all_gather: (ranks, layers, rows, size) -> (layers, ranks * rows, size)
     return map_state(lambda s: module.all_gather(s).transpose(0, 1).flatten(1, 2), state)

@@ -32,3 +32,9 @@ def write_step_logs(trainer: L.Trainer) -> None:
     """Write this step's logged values now: Lightning writes them after the batch-end hooks, which
     a stop at that point skips."""
     trainer._logger_connector.update_train_step_metrics()
+
+
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The Trainer a module is attached to, or None: the public `module.trainer` raises without one
+    (a module built to be saved or loaded outside a run)."""
+    return module._trainer

@@ -2,20 +2,23 @@
 training" and "Perplexity")."""
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.optim import SGD
 from torchmetrics import MeanMetric
 
 from lm.data.vocabulary import Vocabulary
-from lm.models.lstm import LSTMNetwork
 from lm.models.network import State, map_state
+from lm.options import problems, refuse
 from lm.training.averaging import WeightAveraging
 from lm.training.checkpoint import load_module_state, save_module_state
+from lm.training.lightning_private import attached_trainer
 from lm.training.metrics import Perplexity, evaluation_scores, summed_nll
-from lm.training.options import check_options
+from lm.training.options import TrainingOptions, build_network
 from lm.training.trainer import is_logging_step
 
 
@@ -28,66 +31,26 @@ class Diverged(Exception):
 
 
 class LanguageModel(L.LightningModule):
-    """Carries the LSTM state across windows, detached; evaluation keeps a state of its own."""
+    """Carries the network's state across windows, detached; evaluation keeps a state of its own.
 
-    def __init__(
-        self,
-        vocab_size: int,
-        hidden_size: int = 200,
-        num_layers: int = 2,
-        dropout: float = 0.0,
-        init_scale: float = 0.1,
-        tie_weights: bool = False,
-        lr: float = 1.0,
-        lr_decay: float = 0.5,
-        decay_after: int = 4,
-        compile: bool = False,
-        embedding_size: int | None = None,
-        input_dropout: float = 0.0,
-        hidden_dropout: float = 0.0,
-        output_dropout: float = 0.0,
-        embedding_dropout: float = 0.0,
-        weight_drop: float = 0.0,
-        init: str = "uniform",
-        ar: float = 0.0,
-        tar: float = 0.0,
-        weight_decay: float = 0.0,
-        loss_average: str = "streams",
-        asgd_nonmono: int | None = None,
-        softmax: str = "full",
-        cutoffs: list[int] | None = None,
-        div_value: float = 4.0,
-    ):
+    `net` is the network's options node (model.net, whose `_target_` names its options class), built
+    into the network here, once the vocabulary's size is known; `options` are TrainingOptions'.
+    """
+
+    def __init__(self, vocab_size: int, net: Mapping[str, Any], **options: Any):
         super().__init__()
-        if isinstance(cutoffs, ListConfig):  # from Hydra: saved as a plain list, as every other value
-            cutoffs = OmegaConf.to_container(cutoffs)
-        self.save_hyperparameters()
-        check_options(**self.hparams)
-        self.net = LSTMNetwork(
-            vocab_size,
-            hidden_size,
-            num_layers,
-            dropout,
-            init_scale,
-            tie_weights,
-            embedding_size=embedding_size,
-            input_dropout=input_dropout,
-            hidden_dropout=hidden_dropout,
-            output_dropout=output_dropout,
-            embedding_dropout=embedding_dropout,
-            weight_drop=weight_drop,
-            init=init,
-            softmax=softmax,
-            cutoffs=cutoffs,
-            div_value=div_value,
-        )
+        net = OmegaConf.to_container(net, resolve=True) if isinstance(net, DictConfig) else dict(net)
+        refuse(problems(TrainingOptions, options, "model"))
+        self.save_hyperparameters({"vocab_size": vocab_size, "net": net, **options})
+        self.options = TrainingOptions(**options)
+        self.net = build_network(net, vocab_size)
         # The softmax and loss, compiled in setup() when asked.
         self.summed_nll, self.evaluation_scores = summed_nll, evaluation_scores
         self.vocabulary: Vocabulary | None = None  # from the datamodule; saved in every checkpoint
         self.run_config: dict | None = None  # train.py's whole configuration, saved likewise
         self.train_state: State | None = None
         self.eval_state: State | None = None
-        self.averaging = WeightAveraging(asgd_nonmono)  # NT-ASGD; lm/training/averaging.py
+        self.averaging = WeightAveraging(self.options.asgd_nonmono)  # NT-ASGD; lm/training/averaging.py
         self.train_ppl, self.val_ppl, self.test_ppl = Perplexity(persistent=True), Perplexity(), Perplexity()
         # Per-token values, so an unweighted mean is exact; no NaN check, which would sync a GPU.
         self.val_acc, self.test_acc = MeanMetric(nan_strategy="disable"), MeanMetric(nan_strategy="disable")
@@ -96,13 +59,13 @@ class LanguageModel(L.LightningModule):
         return self.net(x, state)
 
     def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule if self._trainer else None
+        datamodule = self.trainer.datamodule if attached_trainer(self) else None
         if self.vocabulary is None and hasattr(datamodule, "vocabulary"):
             self.vocabulary = datamodule.vocabulary
         # torch.compile fuses the softmax and the loss, forward and backward. Not the network:
         # Dynamo skips any frame that calls nn.LSTM, so the LSTM stays eager (cuDNN on GPU).
         # Compiled here, in the process that trains: ddp_spawn cannot pickle a compiled function.
-        if self.hparams.compile and self.summed_nll is summed_nll:
+        if self.options.compile and self.summed_nll is summed_nll:
             self.summed_nll = torch.compile(summed_nll)
             self.evaluation_scores = torch.compile(evaluation_scores)
 
@@ -129,13 +92,11 @@ class LanguageModel(L.LightningModule):
         nll = self.summed_nll(self.net, dropped, y)
         # "streams": summed over the time steps, averaged over the streams, the scale at which lr 1
         # and clipping at 5 reproduce Zaremba et al.; "tokens": the mean per target, AWD-LSTM's.
-        per = x.size(0) if self.hparams.loss_average == "streams" else y.numel()
+        per = x.size(0) if self.options.loss_average == "streams" else y.numel()
         loss = nll / per
-        hparams = self.hparams
-        if hparams.ar or hparams.tar:  # AWD-LSTM's activation and temporal activation regularisation
-            regularisation = (
-                hparams.ar * dropped.pow(2).mean() + hparams.tar * (out[:, 1:] - out[:, :-1]).pow(2).mean()
-            )
+        ar, tar = self.options.ar, self.options.tar
+        if ar or tar:  # AWD-LSTM's activation and temporal activation regularisation
+            regularisation = ar * dropped.pow(2).mean() + tar * (out[:, 1:] - out[:, :-1]).pow(2).mean()
             loss = loss + regularisation * (y.numel() / per)
 
         self._stop_if_diverged(nll)
@@ -158,9 +119,10 @@ class LanguageModel(L.LightningModule):
         A function of the epoch and the window rather than a scheduler that Lightning steps after
         the epoch-end hooks: the lr is then right after a resume from any safe point.
         """
-        hparams = self.hparams
-        lr = hparams.lr * hparams.lr_decay ** max(epoch + 1 - hparams.decay_after, 0)
-        nominal = getattr(self.trainer.datamodule, "num_steps", num_steps)
+        o = self.options
+        lr = o.lr * o.lr_decay ** max(epoch + 1 - o.decay_after, 0)
+        datamodule = self.trainer.datamodule
+        nominal = datamodule.options.num_steps if hasattr(datamodule, "options") else num_steps
         return lr * num_steps / nominal
 
     def on_train_batch_start(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -222,7 +184,7 @@ class LanguageModel(L.LightningModule):
 
     def configure_optimizers(self) -> SGD:
         # The lr is set before every step (`learning_rate`).
-        return SGD(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return SGD(self.net.parameters(), lr=self.options.lr, weight_decay=self.options.weight_decay)
 
     # --- evaluation: state carried over the whole split, every target counted once -------------
     def on_validation_epoch_start(self) -> None:

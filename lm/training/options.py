@@ -1,120 +1,101 @@
-"""The model's options checked before any work: one line naming the key and what is allowed."""
+"""The training options (model.*), the run's (seed, resume, overwrite), and the check of a whole
+command: every problem of the network's, the training's, the data's and the Trainer's options at
+once, one line each, before any data is read."""
 
-from collections.abc import Sequence
-from itertools import pairwise
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from lm.errors import UserError, check_rules
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 
-
-def check_options(
-    hidden_size,
-    num_layers,
-    dropout,
-    init_scale,
-    lr,
-    lr_decay,
-    decay_after,
-    embedding_size,
-    input_dropout,
-    hidden_dropout,
-    output_dropout,
-    embedding_dropout,
-    weight_drop,
-    init,
-    ar,
-    tar,
-    weight_decay,
-    loss_average,
-    asgd_nonmono,
-    tie_weights,
-    softmax,
-    cutoffs,
-    div_value,
-    vocab_size=None,
-    **_,
-) -> None:
-    """One clear error, before any work, for a value the model cannot train with; the cutoffs
-    against the vocabulary once its size is known (the module's __init__)."""
-    rules = [
-        (
-            "hidden_size",
-            hidden_size,
-            isinstance(hidden_size, int) and hidden_size >= 1,
-            "an integer, 1 or more",
-        ),
-        ("num_layers", num_layers, isinstance(num_layers, int) and num_layers >= 1, "an integer, 1 or more"),
-        ("dropout", dropout, isinstance(dropout, int | float) and 0 <= dropout < 1, "a number in [0, 1)"),
-        (
-            "init_scale",
-            init_scale,
-            isinstance(init_scale, int | float) and init_scale > 0,
-            "a number above 0",
-        ),
-        ("lr", lr, isinstance(lr, int | float) and lr >= 0, "a number, 0 or more"),
-        ("lr_decay", lr_decay, isinstance(lr_decay, int | float) and lr_decay > 0, "a number above 0"),
-        (
-            "decay_after",
-            decay_after,
-            isinstance(decay_after, int) and decay_after >= 0,
-            "an integer, 0 or more",
-        ),
-        (
-            "embedding_size",
-            embedding_size,
-            embedding_size is None or isinstance(embedding_size, int) and embedding_size >= 1,
-            "null (hidden_size) or an integer, 1 or more",
-        ),
-        *(
-            (key, value, isinstance(value, int | float) and 0 <= value < 1, "a number in [0, 1)")
-            for key, value in [
-                ("input_dropout", input_dropout),
-                ("hidden_dropout", hidden_dropout),
-                ("output_dropout", output_dropout),
-                ("embedding_dropout", embedding_dropout),
-                ("weight_drop", weight_drop),
-            ]
-        ),
-        ("init", init, init in ("uniform", "awd"), "uniform or awd"),
-        *(
-            (key, value, isinstance(value, int | float) and value >= 0, "a number, 0 or more")
-            for key, value in [("ar", ar), ("tar", tar), ("weight_decay", weight_decay)]
-        ),
-        ("loss_average", loss_average, loss_average in ("streams", "tokens"), "streams or tokens"),
-        (
-            "asgd_nonmono",
-            asgd_nonmono,
-            asgd_nonmono is None or isinstance(asgd_nonmono, int) and asgd_nonmono >= 1,
-            "null (plain SGD) or an integer, 1 or more",
-        ),
-        ("softmax", softmax, softmax in ("full", "adaptive"), "full or adaptive"),
-        ("div_value", div_value, isinstance(div_value, int | float) and div_value > 0, "a number above 0"),
-    ]
-    if softmax == "adaptive":
-        limit = "" if vocab_size is None else f" and below the vocabulary size ({vocab_size})"
-        allowed = f"a strictly increasing list of integers, each 1 or more{limit}, such as [2000,5000]"
-        rules.append(("cutoffs", cutoffs, _cutoffs_valid(cutoffs, vocab_size), allowed))
-    else:
-        allowed = "null with model.softmax=full; set model.softmax=adaptive to use them"
-        rules.append(("cutoffs", cutoffs, cutoffs is None, allowed))
-    check_rules("model", rules)
-    if softmax == "adaptive" and hidden_size // div_value ** len(cutoffs) < 1:
-        raise UserError(
-            f"model.div_value={div_value} leaves the last of {len(cutoffs)} tail clusters no projection "
-            f"(model.hidden_size {hidden_size} // {div_value} ** {len(cutoffs)} = 0 units): lower "
-            "model.div_value or give fewer model.cutoffs."
-        )
-    if softmax == "adaptive" and tie_weights:
-        raise UserError(
-            "model.tie_weights=true is not allowed with model.softmax=adaptive: its projections cannot "
-            "share the embedding matrix; set model.tie_weights=false or model.softmax=full."
-        )
+from lm.data.options import DataOptions
+from lm.models.network import Network, NetworkOptions
+from lm.options import above, at_least, between, option, problems, refusal, refuse
+from lm.training.trainer import check_precision, trainer_problems
 
 
-def _cutoffs_valid(cutoffs, vocab_size: int | None) -> bool:
-    """A list (or Hydra's ListConfig) of integers 1 <= c_1 < c_2 < ... < vocab_size."""
-    if not isinstance(cutoffs, Sequence) or isinstance(cutoffs, str) or len(cutoffs) == 0:
-        return False
-    if not all(isinstance(c, int) and not isinstance(c, bool) for c in cutoffs):
-        return False
-    increasing = cutoffs[0] >= 1 and all(a < b for a, b in pairwise(cutoffs))
-    return increasing and (vocab_size is None or cutoffs[-1] < vocab_size)
+@dataclass(frozen=True)
+class TrainingOptions:
+    """model.*: the loss, the schedule and the optimiser (the network's options are model.net.*)."""
+
+    lr: float = option(1.0, at_least(0))
+    """SGD's learning rate before any decay (Zaremba: 1; AWD-LSTM: 30, with loss_average=tokens)."""
+    lr_decay: float = option(0.5, above(0))
+    """The lr of 0-based epoch e: lr * lr_decay ** max(e + 1 - decay_after, 0)."""
+    decay_after: int = option(4, at_least(0))
+    """Epochs at the full lr."""
+    loss_average: Literal["streams", "tokens"] = option("streams")
+    """streams: Zaremba's scale, summed over the window (lr 1, clip 5); tokens: a mean per target."""
+    ar: float = option(0.0, at_least(0))
+    """Activation regularisation: ar * mean(dropped last-layer output ** 2)."""
+    tar: float = option(0.0, at_least(0))
+    """Temporal activation regularisation: tar * mean((h_t - h_t-1) ** 2)."""
+    weight_decay: float = option(0.0, at_least(0))
+    """L2, in the optimiser."""
+    asgd_nonmono: int | None = option(None, at_least(1))
+    """N: average the weights once validation is no better than N epochs ago (NT-ASGD); null: SGD."""
+    compile: bool = option(False)
+    """torch.compile the softmax and the loss (docs/performance.md)."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """train.py's top-level keys."""
+
+    seed: int = option(1, between(0, 2**32 - 1))
+    """Seeds Python, NumPy and torch: the same seed gives the same numbers on the same machine."""
+    resume: str | None = option(None)
+    """A run folder (or one of its checkpoints/*.ckpt) to continue, in that folder."""
+    overwrite: bool = option(False)
+    """True: a run folder that holds an earlier run's checkpoints is emptied first."""
+
+
+def network_problems(net: Mapping[str, Any], vocab_size: int | None = None) -> list[str]:
+    """The problems of a network's options node (model.net: `_target_` names the options)."""
+    target = net.get("_target_")
+    try:
+        options = get_class(str(target))
+    except Exception:  # noqa: BLE001 (Hydra raises several kinds for a name it cannot import)
+        options = None
+    if not (isinstance(options, type) and issubclass(options, NetworkOptions)):
+        return [
+            refusal("model.net._target_", target, "a network's options, such as lm.models.lstm.LSTMOptions")
+        ]
+    lines = problems(options, net, "model.net")
+    if not lines:  # each value its field's type: what they refuse together
+        lines = options(**_values(net)).problems("model.net", vocab_size)
+    return lines
+
+
+def build_network(net: Mapping[str, Any], vocab_size: int) -> Network:
+    """The network of an options node, or one UserError listing every problem of its options."""
+    refuse(network_problems(net, vocab_size))
+    return get_class(net["_target_"])(**_values(net)).network(vocab_size)
+
+
+def check_command(cfg: DictConfig) -> None:
+    """Every problem of train.py's command, one line each, before any data is read."""
+    check_precision(cfg.trainer)  # a machine's limit, not a mistake in the command: alone
+    data = {key: value for key, value in cfg.data.items() if key not in _corpus_keys(cfg.data)}
+    refuse(
+        [
+            *network_problems(cfg.model.net),
+            *problems(TrainingOptions, _values(cfg.model, "net"), "model"),
+            *problems(DataOptions, data, "data"),
+            *problems(RunOptions, {key: cfg[key] for key in ("seed", "resume", "overwrite")}, ""),
+            *trainer_problems(cfg.trainer),
+        ]
+    )
+
+
+def _values(node: Mapping[str, Any], *leave_out: str) -> dict[str, Any]:
+    """A node's options as plain values: Hydra's keys (`_target_`, ...) and `leave_out` left out."""
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    return {key: value for key, value in plain.items() if not key.startswith("_") and key not in leave_out}
+
+
+def _corpus_keys(data: DictConfig) -> set[str]:
+    """What a corpus's datamodule takes besides the data options: where its files are."""
+    return {"_target_", *inspect.signature(get_class(data._target_)).parameters} - {"options"}

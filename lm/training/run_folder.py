@@ -19,7 +19,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lm.errors import UserError, exit_on_user_error
-from lm.training.checkpoint import read_checkpoint
+from lm.options import dotted
+from lm.training.checkpoint import read_checkpoint, run_config_now
 from lm.training.trainer import slurm_job
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ def _requeued(cfg: DictConfig, run_dir: Path) -> bool:
 
 def _check_same_config(cfg: DictConfig, checkpoint: Path) -> None:
     try:
-        saved = read_checkpoint(checkpoint, "resume").get("run_config")
+        saved = run_config_now(read_checkpoint(checkpoint, "resume")["run_config"])
     except UserError:
         raise
     except Exception as error:
@@ -259,9 +260,7 @@ def _check_same_config(cfg: DictConfig, checkpoint: Path) -> None:
             f"resume: {checkpoint} cannot be read ({type(error).__name__}: {error}); it may be truncated. "
             "Resume from another checkpoint of the run (resume=<run folder>/checkpoints/<file>.ckpt)."
         ) from error
-    if saved is None:
-        return  # saved before checkpoints carried their configuration
-    now, then = _flat(OmegaConf.to_container(cfg, resolve=True)), _flat(saved)
+    now, then = dotted(OmegaConf.to_container(cfg, resolve=True)), dotted(saved)
     # Only what the run had: an option added since is at its default, which computes what the code
     # did before (new options are off by default). Paths may differ (a moved folder, a symlink), and
     # Hydra's keys (`_target_`: where the code lives); what the run computes may not.
@@ -278,13 +277,3 @@ def _check_same_config(cfg: DictConfig, checkpoint: Path) -> None:
 def _hydra_key(key: str) -> bool:
     """`_target_`, `_recursive_`, ...: how Hydra builds an object, not what the run computes."""
     return key.rsplit(".", 1)[-1].startswith("_")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -22,10 +22,12 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.multiprocessing import ProcessRaisedException
 
 from lm.training.checkpoint import random_state, restore_random_state
 from lm.training.lightning_private import step_is_followed_by_more_than_a_step, write_step_logs
-from lm.training.trainer import is_logging_step, slurm_job
+from lm.training.trainer import is_logging_step, recover_state_after_spawn, slurm_job
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,27 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class Stopped(Exception):
     """A signal stopped training at a safe point, after `last.ckpt` was written."""
+
+
+def fit(
+    trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Path | None
+) -> str | None:
+    """Train (from `ckpt_path` when resuming): None when training ran to its end, else the reason a
+    signal stopped it. Under ddp_spawn a worker's Stopped arrives as its traceback's text, and what
+    the workers knew that the launcher does not return is read back from last.ckpt."""
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except Stopped as stop:
+        return str(stop)
+    except SIGTERMException as stop:  # Lightning's own, for a SIGTERM in the moment before training began
+        return str(stop) or f"SIGTERM at step {trainer.global_step}, before training began: nothing saved"
+    except ProcessRaisedException as error:  # ddp_spawn: a worker's exception, as its traceback
+        marker = f"{Stopped.__module__}.Stopped: "
+        if marker not in str(error):
+            raise
+        return str(error).split(marker)[1].splitlines()[0]
+    recover_state_after_spawn(trainer)
+    return None
 
 
 class TrainingCheckpoint(Checkpoint):

@@ -14,7 +14,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from lm.errors import Unsupported, UserError, check_rules
+from lm.errors import Unsupported, UserError
+from lm.options import refusal
 from lm.training.checkpoint import read_checkpoint
 from lm.training.lightning_private import relaunches_the_command_line
 
@@ -46,10 +47,10 @@ def trainer_arguments(trainer_cfg: DictConfig) -> dict[str, Any]:
     return arguments
 
 
-def check_run_options(cfg: DictConfig) -> None:
-    """Refuse, before any data is read, the run values that Lightning takes silently
-    (`gradient_clip_val=-1` ascends the gradient, `seed=1.5` is cut to 1) or refuses with a
-    traceback only once the corpus is loaded. What Lightning 2.6 accepts passes, 0 epochs included."""
+def trainer_problems(trainer: DictConfig) -> list[str]:
+    """The Trainer's values that Lightning takes silently (`gradient_clip_val=-1` ascends the
+    gradient) or refuses with a traceback only once the corpus is loaded, one line each. What
+    Lightning 2.6 accepts passes, 0 epochs included; the Trainer declares its own arguments."""
     batches = "null, an integer, 0 or more, or a share in [0.0, 1.0]"
     rules = {
         "max_epochs": (
@@ -58,7 +59,7 @@ def check_run_options(cfg: DictConfig) -> None:
         ),
         "max_steps": (lambda v: _integer(v, -1), "an integer, 0 or more, or -1 (no limit)"),
         "gradient_clip_val": (
-            lambda v: v is None or (isinstance(v, int | float) and v >= 0),
+            lambda v: v is None or (_number(v) and v >= 0),
             "null or a number, 0 or more (0: no clipping; a negative bound would ascend the gradient)",
         ),
         **{f"limit_{stage}_batches": (_batches, batches) for stage in ("train", "val", "test", "predict")},
@@ -68,22 +69,18 @@ def check_run_options(cfg: DictConfig) -> None:
             "null, an integer, 1 or more (batches), or a share of the epoch in (0.0, 1.0]",
         ),
     }
-    trainer = cfg.trainer
-    check_precision(trainer)
+    lines = [
+        refusal(f"trainer.{key}", trainer[key], allowed)
+        for key, (valid, allowed) in rules.items()
+        if not valid(trainer[key])
+    ]
     if trainer.use_distributed_sampler is not False:  # docs/design.md, "Many devices"
-        raise UserError(
+        lines.append(
             f"trainer.use_distributed_sampler={trainer.use_distributed_sampler} would let Lightning re-split "
             "and reorder the windows, which each rank reads in order from its own streams: set "
             "trainer.use_distributed_sampler=false."
         )
-    check_rules(
-        "trainer",
-        [(key, trainer[key], valid(trainer[key]), allowed) for key, (valid, allowed) in rules.items()],
-    )
-    seeds = 2**32 - 1  # what NumPy, and so Lightning's seed_everything, accepts
-    check_rules(
-        "", [("seed", cfg.seed, _integer(cfg.seed, 0) and cfg.seed <= seeds, f"an integer in [0, {seeds}]")]
-    )
+    return lines
 
 
 def check_precision(trainer_cfg: DictConfig) -> None:
@@ -120,7 +117,11 @@ def cpu_runs_bf16_lstm() -> bool:
 
 
 def _integer(value: object, smallest: int) -> bool:
-    return isinstance(value, int) and value >= smallest
+    return isinstance(value, int) and not isinstance(value, bool) and value >= smallest
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _batches(value: object) -> bool:
@@ -172,7 +173,7 @@ def is_logging_step(trainer: L.Trainer, steps: int) -> bool:
     return steps % trainer.log_every_n_steps == 0
 
 
-def recover_training_state(trainer: L.Trainer) -> None:
+def recover_state_after_spawn(trainer: L.Trainer) -> None:
     """After `ddp_spawn`, bring back what the processes that trained knew.
 
     The spawn launcher returns the weights, the logged metrics and the best checkpoint's path,
