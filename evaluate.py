@@ -7,7 +7,7 @@
     python evaluate.py ckpt_path=... dynamic_eval.method=sgd dynamic_eval.lr=... dynamic_eval.decay=...
     python evaluate.py ckpt_path=... cache.window=... cache.lambda=... cache.theta=...
     python evaluate.py -m ckpt_path=... split=valid cache.window=500 cache.lambda=0.05,0.1 cache.theta=0.3
-    python -m lm.report outputs/evaluate/multirun/<date>/<time>                     # the sweep, best first
+    python -m lm.tools.report outputs/evaluate/multirun/<date>/<time>               # the sweep, best first
 
 One stream, batch 1, the state carried over the whole text: every target scored once
 (lm/evaluation/scoring.py). Test-time adaptation, off by default: dynamic evaluation
@@ -88,7 +88,7 @@ def evaluate(cfg: DictConfig) -> dict:
         what = f"file={cfg.file}" if cfg.file else f"The {cfg.split} split"
         raise UserError(f"{what} holds no token to score.")
     keep_freed_memory()  # dynamic evaluation frees megabytes of gradients every segment (lm/allocator.py)
-    net = model.net.to(device).eval()
+    net = model.net
     started = time.perf_counter()
     dynamic = None
     if dynamic_options.method:

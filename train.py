@@ -33,7 +33,7 @@ from lm.options import dotted
 from lm.training.module import Diverged
 from lm.training.options import check_command
 from lm.training.run_folder import prepare_run_folder
-from lm.training.safe_stop import TrainingCheckpoint, fit
+from lm.training.safe_stop import TrainingCheckpoint, fit_until_stopped
 from lm.training.throughput import TokensPerSecond
 from lm.training.trainer import build_trainer
 
@@ -65,7 +65,7 @@ def train(cfg: DictConfig) -> dict:
 
     checkpointing = next((c for c in trainer.callbacks if isinstance(c, TrainingCheckpoint)), None)
     try:
-        stopped = fit(trainer, model, datamodule, resume_from)
+        stopped = fit_until_stopped(trainer, model, datamodule, resume_from)
     except Diverged as stop:
         last = str(checkpointing.last_path) if checkpointing and checkpointing.last_path.exists() else ""
         log.error(

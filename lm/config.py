@@ -4,30 +4,19 @@ from the options dataclasses so that each option is declared once (lm/options.py
 Every entry point imports this module before Hydra composes its configuration.
 """
 
-import importlib
-import pkgutil
-
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-import lm.models
 from lm import PROJECT_ROOT
 from lm.data.options import DataOptions
 from lm.errors import UserError
 from lm.evaluation.cache import CacheOptions
 from lm.evaluation.dynamic_eval import DynamicEvalOptions
 from lm.evaluation.options import EvaluateOptions, SamplingOptions, ScoreOptions
-from lm.models.network import NetworkOptions
+from lm.models.network import network_options
 from lm.options import defaults
 from lm.training.options import RunOptions, TrainingOptions
-
-
-def network_options() -> list[type[NetworkOptions]]:
-    """Every network's options: a module of lm/models declares them as a NetworkOptions dataclass,
-    and is a `model/net` choice from then on, with no list to extend."""
-    for module in pkgutil.iter_modules(lm.models.__path__):
-        importlib.import_module(f"lm.models.{module.name}")
-    return NetworkOptions.__subclasses__()
+from lm.training.run_folder import resumed_run_folder
 
 
 def _devices_per_node(gpus: int | None, devices: object) -> int:
@@ -47,15 +36,8 @@ def _folder_name(text: str, max_bytes: int) -> str:
     return name.encode()[: max_bytes - 3].decode(errors="ignore") + "..."
 
 
-def _resumed_run_folder(resume: str | None, new_folder: str) -> str:
-    from lm.training.run_folder import resumed_run_folder  # noqa: PLC0415 (it imports Lightning)
-
-    return resumed_run_folder(resume, new_folder)
-
-
 store = ConfigStore.instance()
-for options in network_options():  # model/net=<name>: model.net.* are its options
-    target = f"{options.__module__}.{options.__qualname__}"
+for target, options in network_options().items():  # model/net=<name>: model.net.* are its options
     store.store(group="model/net", name=options.name, node={"_target_": target, **defaults(options)})
 store.store(name="training_options", node=defaults(TrainingOptions))  # model.*
 store.store(name="data_options", node=defaults(DataOptions))  # data.*, under each corpus's own keys
@@ -81,7 +63,7 @@ OmegaConf.register_new_resolver(
 # own folder and keeps the configuration its first start recorded in .hydra/ (a resumption's goes
 # to .hydra/resumed-<time>/).
 OmegaConf.register_new_resolver("folder_name", _folder_name, replace=True)
-OmegaConf.register_new_resolver("resumed_run_folder", _resumed_run_folder, replace=True)
+OmegaConf.register_new_resolver("resumed_run_folder", resumed_run_folder, replace=True)
 OmegaConf.register_new_resolver(
     "hydra_subdir", lambda resume, now: f".hydra/resumed-{now}" if resume else ".hydra", replace=True
 )

@@ -55,10 +55,14 @@ def defaults(options: type) -> dict[str, Any]:
 
 
 def build(options: type, values: Mapping[str, Any]) -> Any:
-    """The options dataclass of a node's values (Hydra's own keys left out), checked already."""
-    return options(
-        **{field.name: values[_key(field)] for field in dataclasses.fields(options) if _key(field) in values}
-    )
+    """The options dataclass of a node's values, checked already: under the fields' names, Hydra's
+    own keys (`_target_`) left out, a list as a list (not Hydra's ListConfig)."""
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+
+    fields = dataclasses.fields(options)
+    return options(**{field.name: plain(values[_key(field)]) for field in fields if _key(field) in values})
 
 
 def problems(options: type, values: Mapping[str, Any], prefix: str) -> list[str]:
@@ -126,7 +130,8 @@ def _describe(hint: Any) -> tuple[str, Callable[[Any], bool]]:
         )
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
-        return " or ".join(choices), lambda value: isinstance(value, str) and value in choices
+        words = ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
+        return words, lambda value: isinstance(value, str) and value in choices
     if typing.get_origin(hint) is list:
         kind, accepted = _describe(typing.get_args(hint)[0])
         return (

@@ -308,6 +308,7 @@ def test_evaluate_runs_each_method_records_its_options_and_reduces_to_plain(chec
             "dynamic_eval.stats_batch_size=0 is not allowed: it must be an integer, 1 or more.",
         ),
         (["cache.window=100"], "cache.lambda has no value; cache.window=100 needs one"),
+        (["cache.window=100"], "cache.theta has no value; cache.window=100 needs one"),  # both named
         (
             ["cache.window=0", "cache.lambda=0.1", "cache.theta=1"],
             "cache.window=0 is not allowed: it must be null or an integer, 1 or more.",

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from lm.data.datamodule import PTBDataModule
 from lm.evaluation.loading import load_model
 from lm.models.lstm import LSTMNetwork, LSTMOptions
+from lm.models.network import network_problems
 from lm.training.metrics import negated_sum, summed_nll
-from lm.training.options import network_problems
 from tests.conftest import (
     TINY_RUN,
     compose_config,

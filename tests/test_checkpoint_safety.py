@@ -91,3 +91,20 @@ def test_the_crafted_checkpoint_would_run_its_code_if_unpickled_freely(crafted, 
     torch.save({"payload": RunsCode(f"open({str(marker)!r}, 'w').write('ran')")}, tmp_path / "x.ckpt")
     torch.load(tmp_path / "x.ckpt", weights_only=False)
     assert marker.exists() and os.path.getsize(marker) == 3
+
+
+def test_a_checkpoint_cannot_make_evaluate_import_a_module_it_names(crafted, tmp_path):
+    """The network's options class named in a checkpoint is looked up among the networks, never
+    imported: Python's `this` module prints the Zen of Python when it is imported."""
+    (best,) = crafted["last"].parent.glob("epoch*.ckpt")
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["net"]["_target_"] = "this.s"
+    torch.save(checkpoint, tmp_path / "named.ckpt")
+    result = run_script(
+        "evaluate.py",
+        f"ckpt_path={tmp_path / 'named.ckpt'}",
+        f"data.dir={crafted['corpus']}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    refused(result, "model.net._target_='this.s' is not allowed: it must be the options of a network")
+    assert "Beautiful is better than ugly" not in result.stdout + result.stderr

@@ -37,12 +37,7 @@ def test_evaluation_windows_score_every_target_exactly_once():
 
 def datamodule(folder, tmp_path, world_size=1, rank=0, **sizes):
     module = PTBDataModule(dir=folder, cache_dir=tmp_path / "cache", url="file:///nowhere", **sizes)
-    connector = SimpleNamespace(use_distributed_sampler=False)
-    module.trainer = (
-        SimpleNamespace(global_rank=rank, world_size=world_size, _accelerator_connector=connector)
-        if world_size > 1
-        else None
-    )
+    module.trainer = SimpleNamespace(global_rank=rank, world_size=world_size) if world_size > 1 else None
     module.setup("fit")
     return module
 

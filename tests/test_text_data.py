@@ -125,8 +125,7 @@ def test_each_rank_reads_its_own_rows_of_the_mapped_ids_without_a_copy(tmp_path)
         eval_batch_size=4,
         num_steps=5,
     )
-    connector = SimpleNamespace(use_distributed_sampler=False)
-    data.trainer = SimpleNamespace(global_rank=1, world_size=2, _accelerator_connector=connector)
+    data.trainer = SimpleNamespace(global_rank=1, world_size=2)
     data.setup("fit")
     ids, streams = data.corpus.splits["train"], data.streams["train"]
     per_stream = len(ids) // 4

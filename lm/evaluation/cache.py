@@ -37,8 +37,8 @@ def cache_problems(values: Mapping) -> list[str]:
     """Every problem of the cache.* node, one line each."""
     lines = problems(CacheOptions, values, "cache")
     window = values.get("window")
-    for key in ("lambda", "theta"):
-        if not lines and window is not None and values.get(key) is None:
+    for key in ("lambda", "theta") if not lines and window is not None else ():
+        if values.get(key) is None:
             lines.append(
                 f"cache.{key} has no value; cache.window={window} needs one, e.g. cache.{key}=... as "
                 "recommended in docs/evaluation.md."

@@ -8,9 +8,8 @@ import torch
 
 from lm.data.vocabulary import Vocabulary
 from lm.errors import UserError
-from lm.models.network import Network
+from lm.models.network import Network, build_network
 from lm.training.checkpoint import network_node, read_checkpoint
-from lm.training.options import build_network
 
 
 @dataclass
@@ -31,6 +30,11 @@ def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> TrainedMod
         net = build_network(network_node(checkpoint), checkpoint["hyper_parameters"]["vocab_size"])
         state = checkpoint["state_dict"]  # the network's weights are "net.*" (NT-ASGD: the average)
         net.load_state_dict({key.removeprefix("net."): state[key] for key in state if key.startswith("net.")})
+        if "vocabulary" not in checkpoint:
+            raise UserError(
+                f"ckpt_path={path} holds no vocabulary: it was trained without a corpus that has one, "
+                "not by train.py; use a checkpoint of a train.py run."
+            )
         vocabulary = Vocabulary.from_state_dict(checkpoint["vocabulary"])
     except UserError:
         raise

@@ -131,9 +131,8 @@ class LSTMNetwork(nn.Module):
         if o.init == "uniform":  # Zaremba: every weight uniform in [-init_scale, init_scale]
             for parameter in self.parameters():
                 nn.init.uniform_(parameter, -o.init_scale, o.init_scale)
-        elif (
-            o.init == "awd"
-        ):  # AWD-LSTM: embedding and softmax weights uniform, bias 0, LSTM PyTorch's default
+        elif o.init == "awd":
+            # AWD-LSTM: embedding and softmax weights uniform, bias 0, LSTM PyTorch's default
             nn.init.uniform_(self.embedding.weight, -o.init_scale, o.init_scale)
             for name, parameter in self.softmax.named_parameters():
                 if name.endswith("bias"):

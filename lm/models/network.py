@@ -14,11 +14,15 @@ The state is what the network carries from one window to the next:
   moved with `map_state(lambda s: s.to(device), state)`; nothing else is done to it from outside.
 """
 
-from collections.abc import Callable
-from typing import ClassVar, Protocol
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+
+from lm.options import build, problems, refusal, refuse
 
 State = list[tuple[torch.Tensor, ...]]
 
@@ -71,3 +75,32 @@ class NetworkOptions:
         """What the options refuse together, one line each, each value being already of its field's
         type and within its rule; with `vocab_size`, against the vocabulary too."""
         return []
+
+
+def network_options() -> dict[str, type[NetworkOptions]]:
+    """Every network's options class by its dotted path (what a model.net node's `_target_` names):
+    each module of lm/models may declare one, and is a network from then on, with no list to extend."""
+    import lm.models  # here: lm.models's modules import this one
+
+    for module in pkgutil.iter_modules(lm.models.__path__):
+        importlib.import_module(f"lm.models.{module.name}")
+    return {f"{c.__module__}.{c.__qualname__}": c for c in NetworkOptions.__subclasses__()}
+
+
+def network_problems(net: Mapping[str, Any], vocab_size: int | None = None) -> list[str]:
+    """The problems of a network's options node (model.net), one line each. Its `_target_` is looked
+    up among the networks' options, never imported: a checkpoint someone handed over names it."""
+    target = str(net.get("_target_"))
+    known = network_options()
+    if target not in known:
+        return [refusal("model.net._target_", target, f"the options of a network: {', '.join(known)}")]
+    lines = problems(known[target], net, "model.net")
+    if not lines:  # each value of its field's type and rule: what they refuse together
+        lines = build(known[target], net).problems("model.net", vocab_size)
+    return lines
+
+
+def build_network(net: Mapping[str, Any], vocab_size: int) -> Network:
+    """The network of an options node, or one UserError listing every problem of its options."""
+    refuse(network_problems(net, vocab_size))
+    return build(network_options()[net["_target_"]], net).network(vocab_size)

@@ -107,14 +107,15 @@ def load_module_state(module: L.LightningModule, checkpoint: dict) -> None:
     when resuming on other data), the averaging, this rank's sums and carried state."""
     trainer = attached_trainer(module)
     fitting = trainer is not None and trainer.state.fn == "fit"
-    saved = Vocabulary.from_state_dict(checkpoint["vocabulary"])
-    if fitting and module.vocabulary is not None and saved != module.vocabulary:
-        raise UserError(
-            f"resume: the checkpoint's vocabulary ({len(saved)} types) is not the one of the data "
-            f"now ({len(module.vocabulary)}): data.dir or its files changed since the run began. "
-            "Resume with the run's own data, or start a new run."
-        )
-    module.vocabulary = saved
+    if "vocabulary" in checkpoint:  # none when the module was trained without a datamodule that has one
+        saved = Vocabulary.from_state_dict(checkpoint["vocabulary"])
+        if fitting and module.vocabulary is not None and saved != module.vocabulary:
+            raise UserError(
+                f"resume: the checkpoint's vocabulary ({len(saved)} types) is not the one of the data "
+                f"now ({len(module.vocabulary)}): data.dir or its files changed since the run began. "
+                "Resume with the run's own data, or start a new run."
+            )
+        module.vocabulary = saved
     module.averaging.load(checkpoint, module.net, fitting)
     world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
     _restore_training_sums(checkpoint, world, rank)

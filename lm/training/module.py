@@ -12,13 +12,13 @@ from torch.optim import SGD
 from torchmetrics import MeanMetric
 
 from lm.data.vocabulary import Vocabulary
-from lm.models.network import State, map_state
+from lm.models.network import State, build_network, map_state
 from lm.options import problems, refuse
 from lm.training.averaging import WeightAveraging
 from lm.training.checkpoint import load_module_state, save_module_state
 from lm.training.lightning_private import attached_trainer
 from lm.training.metrics import Perplexity, evaluation_scores, summed_nll
-from lm.training.options import TrainingOptions, build_network
+from lm.training.options import TrainingOptions
 from lm.training.trainer import is_logging_step
 
 

@@ -11,8 +11,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from lm.data.options import DataOptions
-from lm.models.network import Network, NetworkOptions
-from lm.options import above, at_least, between, option, problems, refusal, refuse
+from lm.models.network import network_problems
+from lm.options import above, at_least, between, defaults, option, problems, refuse
 from lm.training.trainer import check_precision, trainer_problems
 
 
@@ -52,39 +52,18 @@ class RunOptions:
     """True: a run folder that holds an earlier run's checkpoints is emptied first."""
 
 
-def network_problems(net: Mapping[str, Any], vocab_size: int | None = None) -> list[str]:
-    """The problems of a network's options node (model.net: `_target_` names the options)."""
-    target = net.get("_target_")
-    try:
-        options = get_class(str(target))
-    except Exception:  # noqa: BLE001 (Hydra raises several kinds for a name it cannot import)
-        options = None
-    if not (isinstance(options, type) and issubclass(options, NetworkOptions)):
-        return [
-            refusal("model.net._target_", target, "a network's options, such as lm.models.lstm.LSTMOptions")
-        ]
-    lines = problems(options, net, "model.net")
-    if not lines:  # each value its field's type: what they refuse together
-        lines = options(**_values(net)).problems("model.net", vocab_size)
-    return lines
-
-
-def build_network(net: Mapping[str, Any], vocab_size: int) -> Network:
-    """The network of an options node, or one UserError listing every problem of its options."""
-    refuse(network_problems(net, vocab_size))
-    return get_class(net["_target_"])(**_values(net)).network(vocab_size)
-
-
 def check_command(cfg: DictConfig) -> None:
     """Every problem of train.py's command, one line each, before any data is read."""
     check_precision(cfg.trainer)  # a machine's limit, not a mistake in the command: alone
     data = {key: value for key, value in cfg.data.items() if key not in _corpus_keys(cfg.data)}
+    if data.get("seed") == cfg.seed:  # conf/data/: the run's seed, which RunOptions checks
+        del data["seed"]
     refuse(
         [
             *network_problems(cfg.model.net),
             *problems(TrainingOptions, _values(cfg.model, "net"), "model"),
             *problems(DataOptions, data, "data"),
-            *problems(RunOptions, {key: cfg[key] for key in ("seed", "resume", "overwrite")}, ""),
+            *problems(RunOptions, {key: cfg[key] for key in defaults(RunOptions)}, ""),
             *trainer_problems(cfg.trainer),
         ]
     )

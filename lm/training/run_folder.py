@@ -252,7 +252,7 @@ def _requeued(cfg: DictConfig, run_dir: Path) -> bool:
 
 def _check_same_config(cfg: DictConfig, checkpoint: Path) -> None:
     try:
-        saved = run_config_now(read_checkpoint(checkpoint, "resume")["run_config"])
+        saved = read_checkpoint(checkpoint, "resume").get("run_config")
     except UserError:
         raise
     except Exception as error:
@@ -260,7 +260,9 @@ def _check_same_config(cfg: DictConfig, checkpoint: Path) -> None:
             f"resume: {checkpoint} cannot be read ({type(error).__name__}: {error}); it may be truncated. "
             "Resume from another checkpoint of the run (resume=<run folder>/checkpoints/<file>.ckpt)."
         ) from error
-    now, then = dotted(OmegaConf.to_container(cfg, resolve=True)), dotted(saved)
+    if saved is None:
+        return  # not written by train.py (a module fitted by hand): no configuration to compare
+    now, then = dotted(OmegaConf.to_container(cfg, resolve=True)), dotted(run_config_now(saved))
     # Only what the run had: an option added since is at its default, which computes what the code
     # did before (new options are off by default). Paths may differ (a moved folder, a symlink), and
     # Hydra's keys (`_target_`: where the code lives); what the run computes may not.

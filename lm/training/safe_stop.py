@@ -38,7 +38,7 @@ class Stopped(Exception):
     """A signal stopped training at a safe point, after `last.ckpt` was written."""
 
 
-def fit(
+def fit_until_stopped(
     trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Path | None
 ) -> str | None:
     """Train (from `ckpt_path` when resuming): None when training ran to its end, else the reason a

@@ -32,7 +32,7 @@ def flops_per_token(net: nn.Module) -> float:
     softmax's decoder its input features into the vocabulary. NaN with the adaptive softmax (no
     decoder): its cost per token depends on the targets.
     """
-    if net.decoder is None:
+    if net.decoder is None or not hasattr(net, "rnns"):  # the adaptive softmax, or not an LSTM network
         return math.nan
     forward = 2 * net.decoder.in_features * net.decoder.out_features
     for rnn in net.rnns:  # nn.LSTM modules, one layer each or several stacked
