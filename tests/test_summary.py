@@ -22,6 +22,7 @@ def test_a_run_shows_the_training_flops_per_token_and_the_switch_turns_the_summa
     assert f"25.7 K    {FLOPS_LINE}" in (tmp_path / "shown" / "train.log").read_text()  # the run's log too
     assert re.search(r"\| net +\| LSTMNetwork +\| 4\.7 K +\| train", shown.stdout)  # and Lightning's figures
     assert "Total FLOPs" not in shown.stdout + shown.stderr  # Lightning's own summary, with its 0
+    assert "already configured with model summary" not in shown.stdout + shown.stderr  # nor its note
 
     hidden = run_train(*run, "trainer.enable_model_summary=false", f"hydra.run.dir={tmp_path / 'hidden'}")
     assert hidden.returncode == 0, hidden.stdout + hidden.stderr

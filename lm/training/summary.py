@@ -46,16 +46,15 @@ def flops_per_token(net: nn.Module) -> float:
 class ModelSummary(LightningModelSummary):
     """Lightning's summary table (layers, parameters, size, modes) with `flops_per_token` of the
     module's network in place of Lightning's FLOPs. Being a ModelSummary, it stands in for the one
-    Lightning would add; `enabled` (conf/callbacks/default.yaml: `trainer.enable_model_summary`)
-    turns it off, since Lightning keeps a summary callback it is given whatever that flag says."""
+    Lightning would add (lm/training/trainer.py's build_trainer drops it for
+    `trainer.enable_model_summary=false`)."""
 
-    def __init__(self, max_depth: int = 1, enabled: bool | None = True):
+    def __init__(self, max_depth: int = 1):
         super().__init__(max_depth=max_depth)
         self.max_depth = max_depth
-        self.enabled = enabled is not False  # null is Lightning's default: on
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.enabled and self.max_depth and trainer.is_global_zero:
+        if self.max_depth and trainer.is_global_zero:
             summary = summarize(pl_module, max_depth=self.max_depth)
             log.info("model summary\n%s", summary_table(summary, flops_per_token(pl_module.net)))
 

@@ -11,7 +11,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from lm.errors import Unsupported, UserError
@@ -132,11 +132,17 @@ def _batches(value: object) -> bool:
 def build_trainer(trainer_cfg: DictConfig, callbacks: list[Callback] = (), **objects: Any) -> L.Trainer:
     """`callbacks` and `objects` (the logger) are what the config cannot hold.
 
-    `trainer.enable_progress_bar=false` drops the configured bar, which Lightning would refuse.
+    `trainer.enable_progress_bar=false` drops the configured bar, which Lightning would refuse, and
+    `trainer.enable_model_summary=false` the configured summary, which Lightning would keep. A
+    configured summary stands in for Lightning's own, without its note that it does on every run.
     """
     arguments = trainer_arguments(trainer_cfg)
     if arguments.get("enable_progress_bar") is False:
         callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
+    if arguments.get("enable_model_summary") is False:
+        callbacks = [callback for callback in callbacks if not isinstance(callback, ModelSummary)]
+    if any(isinstance(callback, ModelSummary) for callback in callbacks):
+        arguments["enable_model_summary"] = False  # Lightning adds none of its own
     trainer = L.Trainer(**arguments, callbacks=list(callbacks), **objects)
     _refuse_to_relaunch_a_sweep(trainer)
     return trainer
