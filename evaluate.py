@@ -16,8 +16,8 @@ scoring a target before anything learns from it.
 Prints the result and writes it, with the adaptation's options, to <run dir>/evaluation.json.
 """
 
-import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from lm.evaluation import cache, dynamic_eval
 from lm.evaluation.loading import TrainedModel, load_model, pick_device
 from lm.evaluation.options import EvaluateOptions
 from lm.evaluation.scoring import score_stream, text_ids
+from lm.json_output import json_text
 from lm.options import build, defaults, problems, refuse
 
 log = logging.getLogger("evaluate")
@@ -112,7 +113,12 @@ def evaluate(cfg: DictConfig) -> dict:
         "wall_seconds": time.perf_counter() - started,
     }
     path = Path(HydraConfig.get().runtime.output_dir) / "evaluation.json"
-    path.write_text(json.dumps(evaluation, indent=2) + "\n")
+    path.write_text(json_text(evaluation))
+    if not math.isfinite(evaluation["ppl"]):
+        raise UserError(
+            f"The perplexity is not finite ({evaluation['ppl']}; null in {path}): the checkpoint's weights "
+            "are not finite, or the adaptation diverged. Check ckpt_path, or lower dynamic_eval.lr."
+        )
     log.info("perplexity %.4f over %d targets; %s", evaluation["ppl"], evaluation["targets"], path)
     return evaluation
 

@@ -9,7 +9,6 @@ natural logs. Writes TSV (line, targets, log_prob, ppl, text) or JSON to `output
 """
 
 import csv
-import json
 import logging
 import math
 from pathlib import Path
@@ -24,6 +23,7 @@ from lm.errors import UserError, exit_on_user_error
 from lm.evaluation.loading import load_model, pick_device
 from lm.evaluation.options import ScoreOptions
 from lm.evaluation.scoring import line_log_probs
+from lm.json_output import json_text
 from lm.options import defaults, problems, refuse
 
 log = logging.getLogger("score")
@@ -60,7 +60,7 @@ def score(cfg: DictConfig) -> dict:
     with out.open("w", newline="") as file:
         if cfg.format == "json":
             document = {"file": str(cfg.file), "carry_state": cfg.carry_state, "total": total, "lines": rows}
-            file.write(json.dumps(document, indent=2) + "\n")
+            file.write(json_text(document))
         else:  # tab-separated; csv quotes a line that holds a tab or a quote, so columns stay aligned
             writer = csv.writer(file, delimiter="\t", lineterminator="\n")
             writer.writerow(["line", "targets", "log_prob", "ppl", "text"])

@@ -9,7 +9,6 @@ Writes <run dir>/metrics.json, checkpoints/ and tensorboard/; returns the valida
 perplexity so that Hydra sweepers can minimise it.
 """
 
-import json
 import logging
 import math
 import signal
@@ -29,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ composes)
 from lm.allocator import keep_freed_memory
 from lm.errors import exit_on_user_error, user_error_in
+from lm.json_output import json_text
 from lm.options import dotted
 from lm.training.module import Diverged
 from lm.training.options import check_command
@@ -148,10 +148,9 @@ def _path_or_hydra_key(key: str) -> bool:
 def write_metrics(metrics: dict) -> None:
     """<run dir>/metrics.json, replaced at once (a reader never sees half of it); a perplexity
     that is not finite is written as null (JSON has no NaN)."""
-    metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
     path = Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
     partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(metrics, indent=2) + "\n")
+    partial.write_text(json_text(metrics))
     partial.replace(path)
     log.info(
         "%s: val ppl %s, test ppl %s; %s", metrics["status"], metrics["val_ppl"], metrics["test_ppl"], path

@@ -9,6 +9,7 @@ the first.
 """
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -144,8 +145,13 @@ def _describe(hint: Any) -> tuple[str, Callable[[Any], bool]]:
         return "true or false", lambda value: isinstance(value, bool)
     if hint is int:
         return "an integer", lambda value: isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return "a number", lambda value: isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is float:  # finite: inf and nan compare as no rule expects (an lr of inf passes ">= 0")
+        return (
+            "a number",
+            lambda value: (
+                isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            ),
+        )
     if hint is str:
         return "a string", lambda value: isinstance(value, str)
     raise TypeError(f"an option of type {hint} has no check")

@@ -10,7 +10,6 @@ shared machine's drifts hit both alike and their ratio is fair. The plain loop r
 trainer's precision (autocast for the `-mixed` ones), and the matmul yardstick in its dtype.
 """
 
-import json
 import logging
 import resource
 import time
@@ -29,6 +28,7 @@ from lm.allocator import keep_freed_memory
 from lm.errors import Unsupported
 from lm.evaluation.dynamic_eval import DynamicEvaluation
 from lm.evaluation.scoring import score_stream
+from lm.json_output import json_text
 from lm.models.network import map_state
 from lm.training.summary import flops_per_token
 from lm.training.throughput import TokensPerSecond
@@ -177,7 +177,7 @@ def main(cfg: DictConfig) -> dict:
         log.exception("This benchmark failed; the sweep goes on.")
         results = {**job, "error": f"{type(error).__name__}: {error}"}
     out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.write_text(json_text(results))
     log.info("wrote %s", out)
     return results
 
