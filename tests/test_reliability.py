@@ -90,6 +90,12 @@ def test_resuming_with_another_configuration_is_refused(corpus, uninterrupted):
     assert "model.net.dropout=0.3 then, 0.5 now" in result.stdout
 
 
+def test_resuming_with_fewer_epochs_is_refused(corpus, uninterrupted):
+    result = run_train(*EXACT, *corpus, "trainer.max_epochs=1", f"resume={uninterrupted}")
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert "resume: trainer.max_epochs=1 is fewer than the run's 2: a resumed run may train" in result.stdout
+
+
 def test_a_damaged_checkpoint_cannot_be_resumed(corpus, uninterrupted, tmp_path):
     damaged = tmp_path / "run" / "checkpoints" / "last.ckpt"
     damaged.parent.mkdir(parents=True)

@@ -25,7 +25,7 @@ from lm.training.trainer import slurm_job
 
 log = logging.getLogger(__name__)
 
-# May differ between a run and its resumption: how to resume, and how long to train.
+# May differ between a run and its resumption: how to resume, and how long to train (longer only).
 RESUMABLE_CHANGES = {"resume", "overwrite", "trainer.max_epochs"}
 PATH_KEYS = {"dir", "cache_dir", "url", "dirpath", "save_dir", "default_root_dir"}
 LOCK_FILE = "run.lock"  # flock-ed by the live run (or sweep) that holds the folder; it holds its pid and host
@@ -268,12 +268,26 @@ def _check_same_config(cfg: DictConfig, checkpoint: Path) -> None:
     # Hydra's keys (`_target_`: where the code lives); what the run computes may not.
     changed = sorted(key for key in then if now.get(key) != then[key] and key not in RESUMABLE_CHANGES)
     changed = [k for k in changed if k.rsplit(".", 1)[-1] not in PATH_KEYS and not _hydra_key(k)]
+    epochs_then, epochs_now = then.get("trainer.max_epochs"), now.get("trainer.max_epochs")
+    if _fewer_epochs(epochs_now, epochs_then):
+        raise UserError(
+            f"resume: trainer.max_epochs={epochs_now} is fewer than the run's {epochs_then}: a resumed run "
+            "may train for more epochs, not fewer (steps saved beyond the new end would count in no "
+            f"metric). Give trainer.max_epochs={epochs_then} or more."
+        )
     if changed:
         differences = "; ".join(f"{key}={then.get(key)} then, {now.get(key)} now" for key in changed[:8])
         raise UserError(
             f"resume: this command configures the run differently from {checkpoint}: {differences}. "
-            "Repeat the run's own overrides (its .hydra/overrides.yaml); only trainer.max_epochs may change."
+            "Repeat the run's own overrides (its .hydra/overrides.yaml); only trainer.max_epochs may grow."
         )
+
+
+def _fewer_epochs(now: int | None, then: int | None) -> bool:
+    """Whether a limit of `now` epochs ends before `then` did (null and -1: no limit)."""
+    if now is None or now == -1:
+        return False
+    return then is None or then == -1 or now < then
 
 
 def _hydra_key(key: str) -> bool:
