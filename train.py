@@ -29,7 +29,7 @@ import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ compos
 from lm.allocator import keep_freed_memory
 from lm.errors import exit_on_user_error, user_error_in
 from lm.json_output import json_text
-from lm.options import dotted
+from lm.options import dotted, is_setting
 from lm.training.module import Diverged
 from lm.training.options import check_command
 from lm.training.run_folder import prepare_run_folder
@@ -135,14 +135,9 @@ def hyperparameters(cfg: DictConfig) -> dict:
     data = dotted(OmegaConf.to_container(cfg.data, resolve=True), "data.")
     chosen = ("trainer.max_epochs", "trainer.gradient_clip_val", "trainer.precision", "seed")
     return {
-        **{key: value for key, value in {**model, **data}.items() if not _path_or_hydra_key(key)},
+        **{key: value for key, value in {**model, **data}.items() if is_setting(key)},
         **{key: OmegaConf.select(cfg, key) for key in chosen},
     }
-
-
-def _path_or_hydra_key(key: str) -> bool:
-    name = key.rsplit(".", 1)[-1]
-    return name.startswith("_") or name in ("dir", "cache_dir", "url")
 
 
 def write_metrics(metrics: dict) -> None:

@@ -100,6 +100,17 @@ def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Where files are: a run moved to another folder or machine computes the same.
+PATH_KEYS = {"dir", "cache_dir", "url", "dirpath", "save_dir", "default_root_dir"}
+
+
+def is_setting(key: str) -> bool:
+    """Whether a dotted key names what a run computes: not a path, nor how Hydra builds an object
+    (`_target_`, `_recursive_`)."""
+    name = key.rsplit(".", 1)[-1]
+    return name not in PATH_KEYS and not name.startswith("_")
+
+
 def refusal(key: str, value: Any, allowed: str) -> str:
     """The line that refuses one value."""
     return f"{key}={value!r} is not allowed: it must be {allowed}."

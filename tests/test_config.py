@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from lm import PROJECT_ROOT
 from lm.errors import UserError
-from lm.options import dotted
+from lm.options import dotted, is_setting
 from lm.training.checkpoint import run_config_now
 from lm.training.trainer import trainer_arguments
 from tests.conftest import compose_config
@@ -75,8 +75,8 @@ def test_the_readme_commands_compose_to_the_recorded_runs_settings(folder):
 
 
 def settings(node: dict) -> dict:
-    """A config node's values by their dotted keys, Hydra's keys left out."""
-    return {key: value for key, value in dotted(node).items() if not key.rsplit(".", 1)[-1].startswith("_")}
+    """A config node's settings by their dotted keys (no paths, no Hydra keys)."""
+    return {key: value for key, value in dotted(node).items() if is_setting(key)}
 
 
 def test_the_default_is_the_small_preset():

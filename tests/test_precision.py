@@ -27,18 +27,6 @@ def no_bf16_lstm(monkeypatch):
     monkeypatch.setattr(lm.training.trainer, "cpu_runs_bf16_lstm", lambda: False)
 
 
-def test_the_probe_tells_whether_a_bf16_lstm_runs_here():
-    lstm = torch.nn.LSTM(4, 4)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            lstm(torch.zeros(3, 1, 4))
-        runs = True
-    except RuntimeError as error:
-        assert "primitive descriptor" in str(error)
-        runs = False
-    assert cpu_runs_bf16_lstm() == runs
-
-
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_bf16_on_a_cpu_without_the_kernel_is_refused_before_any_data_is_read(no_bf16_lstm, precision):
     with pytest.raises(Unsupported) as refusal:

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lm.errors import UserError, exit_on_user_error
-from lm.options import dotted
+from lm.options import dotted, is_setting
 from lm.training.checkpoint import read_checkpoint, run_config_now
 from lm.training.trainer import slurm_job
 
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 # May differ between a run and its resumption: how to resume, and how long to train (longer only).
 RESUMABLE_CHANGES = {"resume", "overwrite", "trainer.max_epochs"}
-PATH_KEYS = {"dir", "cache_dir", "url", "dirpath", "save_dir", "default_root_dir"}
 LOCK_FILE = "run.lock"  # flock-ed by the live run (or sweep) that holds the folder; it holds its pid and host
 # What this process holds ("run", "sweep"): the folder and its open lock file, kept open until the
 # process ends. One run at a time: a sweep's runs follow each other, so the next releases the last.
@@ -267,7 +266,7 @@ def _check_same_config(cfg: DictConfig, checkpoint: Path) -> None:
     # did before (new options are off by default). Paths may differ (a moved folder, a symlink), and
     # Hydra's keys (`_target_`: where the code lives); what the run computes may not.
     changed = sorted(key for key in then if now.get(key) != then[key] and key not in RESUMABLE_CHANGES)
-    changed = [k for k in changed if k.rsplit(".", 1)[-1] not in PATH_KEYS and not _hydra_key(k)]
+    changed = [key for key in changed if is_setting(key)]
     epochs_then, epochs_now = then.get("trainer.max_epochs"), now.get("trainer.max_epochs")
     if _fewer_epochs(epochs_now, epochs_then):
         raise UserError(
@@ -288,8 +287,3 @@ def _fewer_epochs(now: int | None, then: int | None) -> bool:
     if now is None or now == -1:
         return False
     return then is None or then == -1 or now < then
-
-
-def _hydra_key(key: str) -> bool:
-    """`_target_`, `_recursive_`, ...: how Hydra builds an object, not what the run computes."""
-    return key.rsplit(".", 1)[-1].startswith("_")
