@@ -11,6 +11,7 @@ perplexity so that Hydra sweepers can minimise it.
 
 import logging
 import math
+import shlex
 import signal
 import sys
 import time
@@ -30,10 +31,11 @@ from lm.allocator import keep_freed_memory
 from lm.errors import exit_on_user_error, user_error_in
 from lm.json_output import json_text
 from lm.options import dotted, is_setting
+from lm.training.continuation import continue_commands, finished_sweep_run
 from lm.training.module import Diverged
 from lm.training.options import check_command
 from lm.training.run_folder import prepare_run_folder
-from lm.training.safe_stop import TrainingCheckpoint, fit_until_stopped
+from lm.training.safe_stop import Interrupted, TrainingCheckpoint, fit_until_stopped
 from lm.training.throughput import TokensPerSecond
 from lm.training.trainer import build_trainer
 
@@ -46,12 +48,15 @@ def train(cfg: DictConfig) -> dict:
     keep_freed_memory()
     check_command(cfg)  # every problem at once, before the data is read or downloaded
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    finished = finished_sweep_run(cfg, run_dir)
+    if finished is not None:  # continue_sweep=true: a run this sweep had finished is kept as it is
+        return finished
     resume_from = prepare_run_folder(cfg, run_dir)
+    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]  # the run's clock starts
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)  # checked when resuming
-    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
     datamodule.check_divides(trainer.world_size)  # here too: ddp_spawn's workers cannot report it as one line
     log.info(
@@ -78,9 +83,14 @@ def train(cfg: DictConfig) -> dict:
         if trainer.is_global_zero:
             write_metrics({**metrics, "val_ppl": None, "test_ppl": None, "last_good_checkpoint": last})
         return {**metrics, "val_ppl": math.inf}
+    except Interrupted as stop:
+        log.warning("Interrupted by %s.", stop)
+        if checkpointing.last_path.is_file():
+            _print_continue_commands(run_dir)
+        return {"status": "interrupted", "val_ppl": math.inf}
     if stopped:
-        overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("resume="))
-        log.warning("Stopped by %s. Continue with: python train.py %s resume=%s", stopped, overrides, run_dir)
+        log.warning("Stopped by %s.", stopped)
+        _print_continue_commands(run_dir)
         return {"status": "preempted", "val_ppl": math.inf}
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -111,7 +121,7 @@ def train(cfg: DictConfig) -> dict:
         "test_acc": test.get("test/acc"),
         "epochs": trainer.fit_loop.epoch_progress.current.processed,
         "train_tokens_per_sec": throughput.tokens_per_sec if throughput else None,
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": checkpointing.wall_seconds if checkpointing else time.perf_counter() - started,
         "best_checkpoint": best,
     }
     for logger in trainer.loggers:  # the HPARAMS tab of TensorBoard: one row per run of a sweep
@@ -126,6 +136,20 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         write_metrics(metrics)
     return metrics
+
+
+def _print_continue_commands(run_dir: Path) -> None:
+    """The commands that go on, each on its line as it runs when pasted into a shell."""
+    for what, arguments in continue_commands(run_dir):
+        log.warning("%s: python train.py %s", what, " ".join(map(_shell_word, arguments)))
+
+
+def _shell_word(argument: str) -> str:
+    """`argument` quoted for a POSIX shell; in double quotes where that reads better than shlex's
+    quoting of the single quotes Hydra needs (resume='...=...,...')."""
+    if shlex.quote(argument) == argument:
+        return argument
+    return f'"{argument}"' if not set(argument) & set('"$`\\!') else shlex.quote(argument)
 
 
 def hyperparameters(cfg: DictConfig) -> dict:
@@ -162,6 +186,9 @@ def main(cfg: DictConfig) -> float:
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         metrics = train(cfg)
+    except KeyboardInterrupt:  # Ctrl-C outside training (which stops at a safe point): one line
+        log.error("Interrupted by Ctrl-C before training began or after it ended: nothing to save.")
+        sys.exit(130)
     except Exception as error:
         several_processes = torch.distributed.is_available() and torch.distributed.is_initialized()
         if user_error_in(error) or not sweep or several_processes:
@@ -173,6 +200,8 @@ def main(cfg: DictConfig) -> float:
         return math.inf
     if metrics["status"] == "preempted":  # a single run ends cleanly; a sweep is cut short
         sys.exit(1 if sweep else 0)
+    if metrics["status"] == "interrupted":
+        sys.exit(1)
     if metrics["status"] == "diverged" and not sweep:
         sys.exit(1)
     val_ppl = metrics["val_ppl"]

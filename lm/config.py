@@ -16,7 +16,7 @@ from lm.evaluation.options import EvaluateOptions, SamplingOptions, ScoreOptions
 from lm.models.network import network_options
 from lm.options import defaults
 from lm.training.options import RunOptions, TrainingOptions
-from lm.training.run_folder import resumed_run_folder
+from lm.training.run_folder import hydra_subdir, resumed_run_folder
 
 
 def _devices_per_node(gpus: int | None, devices: object) -> int:
@@ -61,9 +61,7 @@ OmegaConf.register_new_resolver(
 )
 # hydra/default.yaml: sweep runs' folders named by their overrides; a resumed run writes into its
 # own folder and keeps the configuration its first start recorded in .hydra/ (a resumption's goes
-# to .hydra/resumed-<time>/).
+# to .hydra/resumed-<time>/; a continued sweep's run that had ended gets none).
 OmegaConf.register_new_resolver("folder_name", _folder_name, replace=True)
 OmegaConf.register_new_resolver("resumed_run_folder", resumed_run_folder, replace=True)
-OmegaConf.register_new_resolver(
-    "hydra_subdir", lambda resume, now: f".hydra/resumed-{now}" if resume else ".hydra", replace=True
-)
+OmegaConf.register_new_resolver("hydra_subdir", hydra_subdir, replace=True)

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 
 
 class SignalAt(L.Callback):
@@ -21,6 +22,9 @@ class SignalAt(L.Callback):
     - `validation`: after validation batch `batch` of epoch `epoch`'s validation;
     - `fit_end`: when training has ended, before the test begins;
     - `test`: after test batch `batch` of the final test.
+
+    In a sweep, only in the run whose job number is `job`, if given; `repeat` times at once (a
+    second Ctrl-C).
     """
 
     def __init__(
@@ -32,16 +36,22 @@ class SignalAt(L.Callback):
         epoch: int = 1,
         batch: int = 0,
         rank: int = 0,
+        job: int | None = None,
+        repeat: int = 1,
     ) -> None:
         self.point, self.marker = point, Path(marker)
         self.signum = signal.Signals[signal_name]
         self.step, self.epoch, self.batch, self.rank = step, epoch, batch, rank
+        self.job, self.repeat = job, repeat
 
     def _fire(self, trainer: L.Trainer) -> None:
         if trainer.global_rank != self.rank or self.marker.exists():
             return
+        if self.job is not None and HydraConfig.get().job.num != self.job:
+            return
         self.marker.write_text(f"{self.signum.name} at step {trainer.global_step}\n")
-        os.kill(os.getpid(), self.signum)
+        for _ in range(self.repeat):
+            os.kill(os.getpid(), self.signum)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.point == "step" and trainer.global_step == self.step:

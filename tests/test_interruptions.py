@@ -4,8 +4,11 @@ that never stopped, same seed, dropout on, an lr that decays inside the run."""
 
 import json
 import os
+import re
+import shlex
 import shutil
 import stat
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -122,8 +125,8 @@ def stop_and_resume(corpora, name: str, run: Path, signal_args: list[str], env: 
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert "Stopped by SIG" in stopped.stdout, stopped.stdout
     assert not (run / "metrics.json").exists()
-    command = stopped.stdout.split("Continue with: python train.py ")[1].splitlines()[0].split()
-    assert command[-1] == f"resume={run}"
+    command = shlex.split(stopped.stdout.split("Continue with: python train.py ")[1].splitlines()[0])
+    assert command[-1] == f"resume='{run}'"  # quoted for Hydra, whose grammar reads "," and "="
     resumed = run_train(*command, env=env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     return stopped, resumed
@@ -154,6 +157,53 @@ def test_a_signal_stops_at_a_safe_point_and_the_run_resumes_exactly(
     stopped, _ = stop_and_resume(corpora, name, run, signal_at(tmp_path / "fired", point, **where))
     assert f"Stopped by SIGTERM {stopped_at}" in stopped.stdout
     assert_same_run(run, references(name))
+
+
+def test_ctrl_c_stops_at_a_safe_point_like_sigterm_and_the_run_resumes_exactly(corpora, references, tmp_path):
+    run = tmp_path / "run"
+    stopped, _ = stop_and_resume(
+        corpora, "plain", run, signal_at(tmp_path / "fired", "step", "SIGINT", step=STEPS + 37)
+    )
+    assert f"Stopped by SIGINT at step {STEPS + 37} (epoch 2)" in stopped.stdout
+    assert "press Ctrl-C again to stop at once" in stopped.stderr
+    assert "Traceback" not in stopped.stdout + stopped.stderr
+    assert_same_run(run, references("plain"))
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_run_resumes_from_its_last_checkpoint(
+    corpora, references, tmp_path
+):
+    run = tmp_path / "run"
+    signal_args = signal_at(tmp_path / "fired", "step", "SIGINT", step=STEPS + 37, repeat=2)
+    stopped = run_train(*arguments(corpora, "plain"), *signal_args, f"hydra.run.dir={run}")
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert f"Interrupted by a second Ctrl-C at step {STEPS + 37}: stopped at once" in stopped.stdout
+    assert "Traceback" not in stopped.stdout + stopped.stderr
+    saved = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == STEPS  # the end of epoch 1, untouched by the stop
+    command = shlex.split(stopped.stdout.split("Continue with: python train.py ")[1].splitlines()[0])
+    resumed = run_train(*command)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_run(run, references("plain"))
+
+
+def test_wall_seconds_count_every_process_of_a_resumed_run(corpora, references, tmp_path):
+    """metrics.json's wall_seconds is at least the span of each process's log (the first one's to its
+    stop); the last process's alone is far less, as the stop comes late in the run."""
+    run = tmp_path / "run"
+    stopped, resumed = stop_and_resume(
+        corpora, "plain", run, signal_at(tmp_path / "fired", "step", step=3 * STEPS - 10)
+    )
+    spans = [logged_seconds(process.stdout) for process in (stopped, resumed)]
+    assert spans[0] > 2 * spans[1] - 1  # the first process did most of the work
+    assert json.loads((run / "metrics.json").read_text())["wall_seconds"] >= sum(spans) - 0.2
+
+
+def logged_seconds(log: str) -> float:
+    """Seconds from a process's first logged line to its last."""
+    stamps = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", log, re.MULTILINE)
+    first, last = (datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f") for stamp in (stamps[0], stamps[-1]))
+    return (last - first).total_seconds()
 
 
 def test_sigusr1_off_slurm_stops_like_sigterm(corpora, references, tmp_path):

@@ -181,7 +181,7 @@ def test_a_bad_configuration_fails_before_any_work_naming_the_key(override, mess
 
 
 def test_of_two_runs_started_in_one_folder_the_second_stops(tmp_path):
-    cfg = OmegaConf.create({"resume": None, "overwrite": False})
+    cfg = OmegaConf.create({"resume": None, "overwrite": False, "continue_sweep": False})
     assert prepare_run_folder(cfg, tmp_path) is None  # claims it: checkpoints/ did not exist
     with pytest.raises(UserError, match=f"{tmp_path} already holds an empty checkpoints/ folder"):
         prepare_run_folder(cfg, tmp_path)

@@ -20,7 +20,7 @@ from lm.errors import UserError
 from lm.training.run_folder import LOCK_FILE, claim_run_folder, prepare_run_folder
 from tests.conftest import TINY_RUN, run_train
 
-NEW = OmegaConf.create({"resume": None, "overwrite": False})
+NEW = OmegaConf.create({"resume": None, "overwrite": False, "continue_sweep": False})
 NO_DATA = "data.dir=/nonexistent"  # a refusal must come before the data is read
 
 
@@ -61,7 +61,8 @@ def live_run():
         code = (
             "import sys, time; from pathlib import Path; from omegaconf import OmegaConf; "
             "from lm.training.run_folder import claim_sweep_folder, prepare_run_folder; "
-            "NEW = OmegaConf.create({'resume': None, 'overwrite': False}); folder = Path(sys.argv[1]); "
+            "NEW = OmegaConf.create({'resume': None, 'overwrite': False, 'continue_sweep': False}); "
+            "folder = Path(sys.argv[1]); "
             f"{claim}; print('held', flush=True); time.sleep(600)"
         )
         process = subprocess.Popen(

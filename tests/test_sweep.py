@@ -2,11 +2,14 @@
 
 import csv
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -170,3 +173,50 @@ def test_the_report_ranks_the_runs_and_writes_markdown_csv_and_curves(optuna_swe
     assert len(markdown) == 2 + len(rows)
     assert report.stdout.splitlines()[1].split()[0] == rows[0]["run"]
     assert outputs["--plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_interrupted_sweep_continues_as_a_sweep_and_ends_as_one_never_stopped(grid_sweep, tmp_path):
+    """The second run of `-m model.net.dropout=0.0,0.3` is stopped; the command printed then, pasted
+    into a shell, keeps the first run's folder as it was and ends the second as if never stopped."""
+    corpus = write_tiny_corpus(tmp_path / "tiny")  # the same text as the reference sweep's
+    signal = [
+        "+callbacks.signal_at._target_=tests.signal_at.SignalAt",
+        "+callbacks.signal_at.point=step",
+        "+callbacks.signal_at.step=150",
+        f"+callbacks.signal_at.marker={tmp_path / 'fired'}",
+        "+callbacks.signal_at.job=1",
+    ]
+    sweep = tmp_path / "sweep"
+    arguments = [*TINY_RUN, "model.net.dropout=0.0,0.3", f"data.dir={corpus}", f"data.cache_dir={tmp_path}/c"]
+    stopped = run_train("-m", *arguments, *signal, f"hydra.sweep.dir={sweep}")
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert "Stopped by SIGTERM at step 150 (epoch 2)" in stopped.stdout
+    first, second = runs_of(sweep)
+    kept = {
+        path: path.read_bytes() for path in first.rglob("*") if path.is_file() and path.name != "train.log"
+    }
+
+    def printed(what: str) -> list[str]:
+        return shlex.split(stopped.stdout.split(f"{what}: python train.py ")[1].splitlines()[0])
+
+    alone = OverridesParser.create().parse_overrides(printed("or this run alone with"))
+    assert [o.value() for o in alone if o.key_or_group == "resume"] == [str(second)]
+    continued = run_train(*printed("Continue the sweep with"))
+    assert continued.returncode == 0, continued.stdout + continued.stderr
+    assert {path: path.read_bytes() for path in kept} == kept and runs_of(sweep) == [first, second]
+    reference = runs_of(grid_sweep)[1]
+    metrics, wanted = (json.loads((run / "metrics.json").read_text()) for run in (second, reference))
+    for key in ("status", "val_ppl", "test_ppl", "test_acc", "epochs"):
+        assert metrics[key] == wanted[key], key
+    final, expected = (
+        torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+        for run in (second, reference)
+    )
+    assert all(torch.equal(final[name], tensor) for name, tensor in expected.items())
+
+
+def test_continue_sweep_outside_a_sweep_is_refused_in_one_line(tmp_path):
+    result = run_train(*TINY_RUN, "continue_sweep=true", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 1
+    assert "continue_sweep=true goes on with an interrupted sweep: give it with -m" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "run").exists()

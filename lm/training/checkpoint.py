@@ -8,7 +8,7 @@ A checkpoint is the dict Lightning's `trainer.save_checkpoint` writes:
     optimizer_states     SGD's state                                              (Lightning)
     loops, epoch, global_step, ...   where training is, to the window            (Lightning)
     hyper_parameters     LanguageModel's arguments, to build it again             (Lightning)
-    callbacks            TrainingCheckpoint: the random generators (`random_state`);
+    callbacks            TrainingCheckpoint: the random generators (`random_state`), the run's wall time;
                          BestCheckpoint: the best scores; TokensPerSecond: tokens and seconds
     validation_metrics   the last validation's values, which the epoch's end ranks (TrainingCheckpoint)
 

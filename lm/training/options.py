@@ -50,6 +50,8 @@ class RunOptions:
     """A run folder (or one of its checkpoints/*.ckpt) to continue, in that folder."""
     overwrite: bool = option(False)
     """True: a run folder that holds an earlier run's checkpoints is emptied first."""
+    continue_sweep: bool = option(False)
+    """With -m and an interrupted sweep's hydra.sweep.dir: its finished runs are kept, the others go on."""
 
 
 def check_command(cfg: DictConfig) -> None:

@@ -26,7 +26,7 @@ from lm.training.trainer import slurm_job
 log = logging.getLogger(__name__)
 
 # May differ between a run and its resumption: how to resume, and how long to train (longer only).
-RESUMABLE_CHANGES = {"resume", "overwrite", "trainer.max_epochs"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "continue_sweep", "trainer.max_epochs"}
 LOCK_FILE = "run.lock"  # flock-ed by the live run (or sweep) that holds the folder; it holds its pid and host
 # What this process holds ("run", "sweep"): the folder and its open lock file, kept open until the
 # process ends. One run at a time: a sweep's runs follow each other, so the next releases the last.
@@ -39,6 +39,11 @@ class ClaimRunFolder(Callback):
 
     @exit_on_user_error
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.continue_sweep:
+            raise UserError(
+                "continue_sweep=true goes on with an interrupted sweep: give it with -m, the sweep's own "
+                "overrides and its hydra.sweep.dir (the command a stopped sweep prints)."
+            )
         claim_run_folder(config, Path(str(config.hydra.run.dir)))
 
     @exit_on_user_error
@@ -56,6 +61,15 @@ def resume_checkpoint(resume: str) -> Path:
             "(outputs/<date>/<time>) that holds checkpoints/last.ckpt, or one of its checkpoints/*.ckpt."
         )
     return checkpoint
+
+
+def hydra_subdir(resume: str | None, continue_sweep: bool, run_dir: str, now: str) -> str | None:
+    """Where Hydra writes a run's configuration: `.hydra/` at its first start, `.hydra/resumed-<now>/`
+    when it goes on, nowhere for a run that a continued sweep keeps as it is."""
+    earlier = continue_sweep and (Path(run_dir) / ".hydra").is_dir()
+    if earlier and (Path(run_dir) / "metrics.json").is_file():
+        return None
+    return f".hydra/resumed-{now}" if resume or earlier else ".hydra"
 
 
 def resumed_run_folder(resume: str | None, new_folder: str) -> str:
@@ -82,22 +96,24 @@ def prepare_run_folder(cfg: DictConfig, run_dir: Path) -> Path | None:
         _check_same_config(cfg, checkpoint)
         return checkpoint
     claim_run_folder(cfg, run_dir)
-    if _requeued(cfg, run_dir):  # the same command again, in the folder its earlier process left
+    if _requeued(cfg, run_dir) or cfg.continue_sweep:  # the same command again, where it stopped
         last = run_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
+        if last.is_file():
+            _check_same_config(cfg, last)
+            return last
+        if not cfg.continue_sweep:
             return None  # requeued before anything was saved: it starts again
-        _check_same_config(cfg, last)
-        return last
     if rank_zero_only.rank != 0:
         return None
     checkpoints = run_dir / "checkpoints"
-    if cfg.overwrite and checkpoints.exists():
+    if (cfg.overwrite or cfg.continue_sweep) and checkpoints.exists():  # continued: nothing to resume from
         for earlier in (checkpoints, run_dir / "tensorboard", run_dir / "metrics.json"):
             if earlier.is_dir():
                 shutil.rmtree(earlier)
             elif earlier.exists():
                 earlier.unlink()
-            log.warning("overwrite=true: deleted %s", earlier)
+            asked = "overwrite=true" if cfg.overwrite else "continue_sweep=true"
+            log.warning("%s: deleted %s", asked, earlier)
     try:  # this process holds the folder; it is taken twice only by two runs of one sweep given one folder
         checkpoints.mkdir(parents=True)
     except FileExistsError:
@@ -126,7 +142,7 @@ def claim_run_folder(cfg: DictConfig, run_dir: Path) -> None:
     if lock is None:
         raise _live(run_dir, "run", cfg)
     try:
-        new = not (cfg.resume or cfg.overwrite or _requeued(cfg, run_dir))
+        new = not (cfg.resume or cfg.overwrite or cfg.continue_sweep or _requeued(cfg, run_dir))
         if new and (run_dir / "checkpoints").exists():
             raise _earlier_run(run_dir)
         _hold("run", run_dir, lock, advice)
@@ -145,10 +161,12 @@ def claim_sweep_folder(cfg: DictConfig, sweep_dir: Path) -> None:
     if lock is None:
         raise _live(sweep_dir, "sweep", cfg)
     try:
-        if (sweep_dir / "multirun.yaml").exists() and not OmegaConf.select(cfg, "overwrite", default=False):
+        earlier = (sweep_dir / "multirun.yaml").exists()
+        if earlier and not (OmegaConf.select(cfg, "overwrite") or OmegaConf.select(cfg, "continue_sweep")):
             raise UserError(
-                f"hydra.sweep.dir={sweep_dir} already holds an earlier sweep (its multirun.yaml): give "
-                "another hydra.sweep.dir, or add overwrite=true to replace that sweep's runs."
+                f"hydra.sweep.dir={sweep_dir} already holds an earlier sweep (its multirun.yaml): add "
+                "continue_sweep=true to go on with its unfinished runs, give another hydra.sweep.dir, or add "
+                "overwrite=true to replace that sweep's runs."
             )
         _hold("sweep", sweep_dir, lock, advice)
     except BaseException:

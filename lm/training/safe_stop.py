@@ -1,7 +1,8 @@
 """When a checkpoint may be written: signals, safe points and `last.ckpt` (docs/design.md,
 "Interruptions"; what a checkpoint holds is lm/training/checkpoint.py's).
 
-One callback owns it. A signal (SIGTERM, SIGUSR1; on SLURM too) only sets a flag. A checkpoint is
+One callback owns it. A signal (SIGTERM, SIGUSR1, a first Ctrl-C) only sets a flag; a second Ctrl-C
+stops at once, unsaved, as Lightning stops on a KeyboardInterrupt. A checkpoint is
 written at a safe point only, where everything it holds agrees:
 - after a complete training step that neither ends the epoch nor is followed by a validation;
 - after an epoch's end: its validation, the module's epoch-end hook and the best checkpoint are
@@ -16,6 +17,8 @@ import logging
 import os
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -31,11 +34,15 @@ from lm.training.trainer import is_logging_step, recover_state_after_spawn, slur
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Stopped(Exception):
     """A signal stopped training at a safe point, after `last.ckpt` was written."""
+
+
+class Interrupted(Exception):
+    """A second Ctrl-C stopped training at once: nothing was saved since `last.ckpt` (if any)."""
 
 
 def fit_until_stopped(
@@ -55,6 +62,16 @@ def fit_until_stopped(
         if marker not in str(error):
             raise
         return str(error).split(marker)[1].splitlines()[0]
+    except SystemExit:  # how Lightning ends on a KeyboardInterrupt (lightning/pytorch/trainer/call.py)
+        checkpointing = next((c for c in trainer.callbacks if isinstance(c, TrainingCheckpoint)), None)
+        if checkpointing is None or not checkpointing.interrupted:
+            raise
+        last = checkpointing.last_path
+        saved = f"{last} holds the run as it was then" if last.is_file() else "nothing was saved yet"
+        raise Interrupted(
+            f"a second Ctrl-C at step {trainer.global_step}: stopped at once, the steps since the last "
+            f"checkpoint are lost; {saved}"
+        ) from None
     recover_state_after_spawn(trainer)
     return None
 
@@ -73,6 +90,12 @@ class TrainingCheckpoint(Checkpoint):
         self.dirpath = Path(dirpath)
         self.requeue_command = requeue_command
         self.signal: int | None = None  # the first stop signal received, by any stage
+        self.interrupted = False  # a second Ctrl-C stopped training at once
+        self._announce = True  # the first Ctrl-C says what happens next (rank 0 only)
+        # The run's wall time: this process's (from here: train.py builds the callbacks first) and
+        # that of the processes it resumes, counted to their last checkpoint.
+        self._clock = time.perf_counter()
+        self._earlier_seconds = 0.0
         self._validation_metrics: dict[str, torch.Tensor] = {}  # from the checkpoint resumed
         self._previous: dict[int, object] = {}
 
@@ -80,10 +103,23 @@ class TrainingCheckpoint(Checkpoint):
     def last_path(self) -> Path:
         return self.dirpath / "last.ckpt"
 
+    @property
+    def wall_seconds(self) -> float:
+        """Seconds this run has taken, over every process that trained it."""
+        return self._earlier_seconds + time.perf_counter() - self._clock
+
     # --- signals: a flag, nothing else -------------------------------------------------------------
     def _note(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C, or one after another signal: stop at once
         if self.signal is None:
             self.signal = signum
+        if signum == signal.SIGINT and self._announce:  # no logging in a handler: its lock may be held
+            os.write(
+                sys.stderr.fileno(),
+                b"\nCtrl-C: stopping at the next safe point, where last.ckpt is saved; "
+                b"press Ctrl-C again to stop at once without saving.\n",
+            )
 
     def _install(self) -> None:
         """Installed at each stage's setup, so that Lightning's teardown restores these between the
@@ -101,6 +137,7 @@ class TrainingCheckpoint(Checkpoint):
         self._previous = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._announce = trainer.is_global_zero
         self._install()
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -121,6 +158,9 @@ class TrainingCheckpoint(Checkpoint):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "test":  # train.py's last stage
             self._uninstall()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException):
+        self.interrupted = isinstance(exception, KeyboardInterrupt)
 
     # --- the safe points ------------------------------------------------------------------------
     def on_train_batch_end(
@@ -184,7 +224,7 @@ class TrainingCheckpoint(Checkpoint):
             os.replace(partial, self.last_path)
         trainer.strategy.barrier("last.ckpt")
 
-    # --- the last validation's values, and the random generators --------------------------------
+    # --- the last validation's values, the random generators and the run's wall time --------------
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # With validations inside the epoch, the epoch's end ranks the best checkpoint by the last
         # one; Lightning keeps logged values in memory only.
@@ -196,7 +236,15 @@ class TrainingCheckpoint(Checkpoint):
         self._validation_metrics = checkpoint.get("validation_metrics", {})
 
     def state_dict(self) -> dict:
-        return random_state()
+        return {**random_state(), "wall_seconds": self.wall_seconds, "earlier_seconds": self._earlier_seconds}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Resuming: the processes before this one took the saved wall time (none saved before
+        the project wrote it: counted from this process on)."""
         restore_random_state(state_dict)
+        self._earlier_seconds = state_dict.get("wall_seconds", 0.0)
+
+    def load_state_after_spawn(self, state_dict: dict) -> None:
+        """ddp_spawn's launcher, after training: this process's clock already ran while the
+        workers trained, so only the processes before it count (lm/training/trainer.py)."""
+        self._earlier_seconds = state_dict.get("earlier_seconds", 0.0)

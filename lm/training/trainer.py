@@ -196,5 +196,6 @@ def recover_state_after_spawn(trainer: L.Trainer) -> None:
     saved = read_checkpoint(last, "checkpoints/last.ckpt")
     for callback in trainer.callbacks:
         if callback.state_key in saved["callbacks"]:
-            callback.load_state_dict(saved["callbacks"][callback.state_key])
+            load = getattr(callback, "load_state_after_spawn", callback.load_state_dict)
+            load(saved["callbacks"][callback.state_key])
     trainer.fit_loop.epoch_progress.load_state_dict(saved["loops"]["fit_loop"]["epoch_progress"])

@@ -1,0 +1,49 @@
+"""Going on after a stop: the commands a stopped run prints, and a sweep continued with
+`continue_sweep=true`, which keeps the runs that had ended and resumes the others in their folders
+(lm/training/run_folder.py decides which checkpoint each resumes from)."""
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def finished_sweep_run(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """With continue_sweep=true, a run of the sweep that had ended (its metrics.json: completed,
+    diverged or failed): its metrics, for the sweeper, and its folder is left as it is."""
+    metrics = run_dir / "metrics.json"
+    if not cfg.continue_sweep or not metrics.is_file():
+        return None
+    earlier = json.loads(metrics.read_text())
+    log.info("continue_sweep=true: %s had ended (%s); kept as it is", run_dir, earlier.get("status"))
+    val_ppl = earlier.get("val_ppl")
+    return {**earlier, "val_ppl": float("inf") if val_ppl is None else val_ppl}
+
+
+def continue_commands(run_dir: Path) -> list[tuple[str, list[str]]]:
+    """The arguments of train.py that go on with a stopped run (and, in a sweep, with the whole sweep),
+    each a Hydra override as typed after the shell: paths quoted for Hydra, whose grammar reads `,`
+    and `=` in a sweep run's folder name."""
+    hydra = HydraConfig.get()
+    run = [o for o in hydra.overrides.task if not o.startswith(("resume=", "continue_sweep="))]
+    alone = [*run, f"resume={hydra_quoted(str(run_dir))}"]
+    if hydra.mode != RunMode.MULTIRUN:
+        return [("Continue with", alone)]
+    sweep = OmegaConf.load(Path(hydra.sweep.dir) / "multirun.yaml").hydra.overrides
+    task = [o for o in sweep.task if not o.startswith("continue_sweep=")]
+    launch = [o for o in sweep.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
+    whole = ["-m", *task, *launch, f"hydra.sweep.dir={hydra_quoted(hydra.sweep.dir)}", "continue_sweep=true"]
+    return [("Continue the sweep with", whole), ("or this run alone with", alone)]
+
+
+def hydra_quoted(value: str) -> str:
+    """`value` as one quoted Hydra value: its grammar escapes a quote, and the backslashes that come
+    before a quote or the closing one."""
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value)
+    return f"'{escaped}'"
