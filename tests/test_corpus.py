@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lm.data import cache_check
 from lm.data import prepared as preparation
 from lm.data.prepared import load_corpus
 from lm.data.ptb import ptb_files
@@ -54,10 +55,11 @@ def forbid(monkeypatch, name: str, what: str) -> None:
 
 def test_a_second_start_opens_the_prepared_ids_without_reading_the_text(tmp_path, monkeypatch):
     folder = write_corpus(tmp_path, {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
-    monkeypatch.setattr(preparation, "TIMESTAMP_SLACK_NS", 0)  # the files are seconds old, not minutes
+    monkeypatch.setattr(cache_check, "TIMESTAMP_SLACK_NS", 0)  # the files are seconds old, not minutes
     first = load_corpus(ptb_files(folder), tmp_path / "cache")
     forbid(monkeypatch, "_content_key", "hashed the text again")
     forbid(monkeypatch, "_encode_splits", "tokenised again")
+    monkeypatch.setattr(cache_check, "checksum", lambda path: pytest.fail(f"read every id of {path}"))
     cached = load_corpus(ptb_files(folder), tmp_path / "cache")
     assert cached.vocab.tokens == first.vocab.tokens
     assert all(torch.equal(cached.splits[k], first.splits[k]) for k in first.splits)
@@ -66,7 +68,7 @@ def test_a_second_start_opens_the_prepared_ids_without_reading_the_text(tmp_path
 
 def test_an_edit_is_seen_even_with_the_same_size_and_the_old_mtime(tmp_path, monkeypatch):
     folder = write_corpus(tmp_path, {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
-    monkeypatch.setattr(preparation, "TIMESTAMP_SLACK_NS", 0)
+    monkeypatch.setattr(cache_check, "TIMESTAMP_SLACK_NS", 0)
     load_corpus(ptb_files(folder), tmp_path / "cache")
     train = folder / "ptb.train.txt"
     before = train.stat()
@@ -81,7 +83,7 @@ def test_a_file_changed_within_a_timestamp_tick_of_its_signature_is_hashed_again
     def coarse(path):
         return [path.stat().st_size, path.stat().st_mtime_ns // 10**9 * 10**9, 0, 0, 0]
 
-    monkeypatch.setattr(preparation, "_signature", coarse)
+    monkeypatch.setattr(cache_check, "signature", coarse)
     folder = write_corpus(tmp_path, {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
     second = (folder / "ptb.train.txt").stat().st_mtime_ns // 10**9 * 10**9
     load_corpus(ptb_files(folder), tmp_path / "cache")
