@@ -1,13 +1,15 @@
 """docs/data.md, "Large corpora": the token cache trains only on the ids it prepared for this text.
 
-Each test damages the cache as a disk or a hand could, and checks that the next start neither
-trains on the wrong ids nor names the wrong corpus in its log.
+Each test damages the cache as a disk, a hand or a second process could, and checks that the next
+start neither trains on the wrong ids nor names the wrong corpus in its log.
 """
 
 import json
 import logging
+import multiprocessing
 import shutil
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -111,3 +113,55 @@ def test_bit_rot_that_leaves_the_signature_alone_is_caught_by_the_daily_full_che
     monkeypatch.setattr(cache_check, "time", clock)
     assert load_corpus(ptb_files(folder), tmp_path / "cache").splits["train"].tolist() == ids
     assert "(train.bin changed since prepared)" in caplog.text
+
+
+def slow_preparation(monkeypatch, tmp_path: Path) -> Path:
+    """Both processes reach the lock together (each waits at the writability check, just before it,
+    for the other), and a preparation takes a second; each preparation adds a line to the file
+    this returns."""
+    arrived, preparations = tmp_path / "arrived", tmp_path / "preparations"
+    arrived.mkdir()
+    check_writable, encode_splits = cache_check.check_writable, preparation._encode_splits
+
+    def together(cache_dir):
+        (arrived / str(multiprocessing.current_process().pid)).touch()
+        deadline = time.monotonic() + 60
+        while len(list(arrived.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        check_writable(cache_dir)
+
+    def slowly(*args, **kwargs):
+        with open(preparations, "a") as f:
+            f.write("prepared\n")
+        time.sleep(1)
+        return encode_splits(*args, **kwargs)
+
+    monkeypatch.setattr(cache_check, "check_writable", together)
+    monkeypatch.setattr(preparation, "_encode_splits", slowly)
+    return preparations
+
+
+def load_in_this_process(folder: Path, cache: Path, out: Path) -> None:
+    logger = logging.getLogger("lm.data")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(logging.FileHandler(out.with_suffix(".log")))
+    out.write_text(json.dumps(load_corpus(ptb_files(folder), cache).splits["train"].tolist()))
+
+
+def test_two_processes_preparing_one_corpus_prepare_it_once(tmp_path, monkeypatch):
+    folder = write_corpus(tmp_path / "text", SPLITS)
+    preparations = slow_preparation(monkeypatch, tmp_path)
+    fork = multiprocessing.get_context("fork")  # the children keep the slow preparation above
+    outs = [tmp_path / f"ids-{k}.json" for k in range(2)]
+    processes = [
+        fork.Process(target=load_in_this_process, args=(folder, tmp_path / "cache", out)) for out in outs
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    assert [process.exitcode for process in processes] == [0, 0]
+    assert preparations.read_text() == "prepared\n"
+    assert json.loads(outs[0].read_text()) == json.loads(outs[1].read_text())
+    logs = [out.with_suffix(".log").read_text() for out in outs]
+    assert sorted("waiting for it" in log for log in logs) == [False, True]

@@ -166,8 +166,10 @@ def test_a_damaged_prepared_corpus_is_prepared_again(tmp_path, caplog):
     train.write_bytes(train.read_bytes()[:3])  # as if the disk had lost its end
     assert load_corpus(ptb_files(folder), tmp_path / "cache").vocab.decode(torch.tensor([0])) == ["a"]
     assert "damaged prepared corpus" in caplog.text
-    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert len(names) == 2 and names[0].startswith("corpus-") and names[1].startswith("sources-")
+    # No partial or set-aside folder is left; the lock file stays (removing it would race with a
+    # process waiting on it).
+    lock, prepared, record = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert prepared.startswith("corpus-") and lock == f".{prepared}.lock" and record.startswith("sources-")
 
 
 def test_a_cache_folder_that_cannot_be_made_fails_before_tokenising_and_makes_nothing(tmp_path, monkeypatch):
@@ -196,7 +198,8 @@ def test_a_full_disk_while_caching_is_one_error_and_leaves_no_file(tmp_path, mon
     )
     with pytest.raises(UserError, match=re.escape(message)):
         load_corpus(ptb_files(folder), tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []  # neither the half-written folder nor a record
+    (lock,) = (tmp_path / "cache").iterdir()  # neither the half-written folder nor a record
+    assert lock.name.endswith(".lock")
 
 
 def test_a_corpus_sent_to_another_process_maps_its_files_again(tmp_path):

@@ -1,5 +1,5 @@
-"""The token cache's files: written whole, and trusted only while they are what was recorded
-(docs/data.md, "Large corpora").
+"""The token cache's files: written whole, by one process at a time, and trusted only while they
+are what was recorded (docs/data.md, "Large corpora").
 
 A file is recognised by its stat signature, which costs no read. The prepared ids are also checked
 in full against the checksum recorded when they were written: whenever their signature changed
@@ -9,12 +9,15 @@ against blake2b's 0.75, with SHA instructions); a start between two checks reads
 """
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lm.errors import UserError
@@ -72,6 +75,24 @@ def altered_ids(files: dict[str, Path], checksums: dict[str, str], verified: Pat
         except OSError as error:  # a read-only cache: the next start checks in full again
             log.debug("cannot record the check of %s (%s)", verified.parent, error)
     return altered
+
+
+@contextmanager
+def locked(path: Path, what: str) -> Iterator[None]:
+    """Held by one process at a time: one that finds it held logs that it waits for `what`.
+    fcntl.flock rather than a file that exists while locked: the kernel releases it however its
+    holder ends, so a killed run never leaves a stale lock behind. Raises OSError if the lock file
+    cannot be made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:  # open for writing: NFS takes no exclusive lock on a read-only file
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Another process is %s; waiting for it.", what)
+            started = time.perf_counter()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            log.info("Waited %.1f s for another process %s.", time.perf_counter() - started, what)
+        yield
 
 
 def read_json(path: Path) -> dict | None:

@@ -95,9 +95,7 @@ def load_corpus(
         if folder.exists() and folder != tried:
             corpus = _open(folder, tokenizer, claims | {"key": key}, "the text's content key")
         if corpus is None:
-            cache_check.check_writable(cache_dir)  # before tokenising, which takes a while on a big corpus
-            _prepare(files, folder, tokenizer, min_count, max_vocab, claims | {"key": key})
-            corpus = _open(folder, tokenizer, claims | {"key": key}, "the text's content key")
+            corpus = _prepared(files, folder, tokenizer, min_count, max_vocab, claims | {"key": key})
         try:
             cache_check.write_json({"signatures": signatures, "taken_ns": taken_ns, "key": key}, record_file)
         except OSError as error:
@@ -113,6 +111,39 @@ def _content_key(files: dict[str, Path], options: dict) -> str:
         with open(files[name], "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()[:16]
+
+
+def _prepared(
+    files: dict[str, Path],
+    folder: Path,
+    tokenizer: Tokenizer,
+    min_count: int,
+    max_vocab: int | None,
+    claims: dict,
+) -> Corpus:
+    """Prepare `folder` under its lock, unless another process prepared it meanwhile."""
+    cache_check.check_writable(folder.parent)  # before tokenising, which takes a while on a big corpus
+    before = _identity(folder)
+    try:
+        with cache_check.locked(folder.with_name(f".{folder.name}.lock"), f"preparing {folder}"):
+            corpus = None
+            if _identity(folder) not in (None, before):  # another process prepared it meanwhile
+                corpus = _open(folder, tokenizer, claims, "the text's content key")
+            if corpus is None:
+                _prepare(files, folder, tokenizer, min_count, max_vocab, claims)
+                corpus = _open(folder, tokenizer, claims, "the text's content key")
+    except OSError as error:  # the lock file cannot be made
+        raise cache_check.cache_error(folder.parent, error) from error
+    if corpus is None:
+        raise UserError(f"The corpus prepared in {folder} does not read back: see the warning above.")
+    return corpus
+
+
+def _identity(folder: Path) -> int | None:
+    try:
+        return folder.stat().st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _prepare(
