@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # A file's stat signature is trusted only once it is this much older than the moment it was taken:
 # a file system with coarse timestamps (FAT: 2 s) could otherwise hide a rewrite in the same tick.
 TIMESTAMP_SLACK_NS = 3_000_000_000
+# Bit rot is rare, and a full check of 100M tokens (200 MB) takes 0.2-0.5 s: once a day costs nothing.
 FULL_CHECK_EVERY_NS = 24 * 3600 * 10**9
 CHECKSUM = "sha256"
 
