@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lm.data import cache_check
 from lm.data import prepared as preparation
 from lm.data.prepared import load_corpus
 from lm.data.ptb import ptb_files
@@ -54,10 +55,11 @@ def forbid(monkeypatch, name: str, what: str) -> None:
 
 def test_a_second_start_opens_the_prepared_ids_without_reading_the_text(tmp_path, monkeypatch):
     folder = write_corpus(tmp_path, {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
-    monkeypatch.setattr(preparation, "TIMESTAMP_SLACK_NS", 0)  # the files are seconds old, not minutes
+    monkeypatch.setattr(cache_check, "TIMESTAMP_SLACK_NS", 0)  # the files are seconds old, not minutes
     first = load_corpus(ptb_files(folder), tmp_path / "cache")
     forbid(monkeypatch, "_content_key", "hashed the text again")
     forbid(monkeypatch, "_encode_splits", "tokenised again")
+    monkeypatch.setattr(cache_check, "checksum", lambda path: pytest.fail(f"read every id of {path}"))
     cached = load_corpus(ptb_files(folder), tmp_path / "cache")
     assert cached.vocab.tokens == first.vocab.tokens
     assert all(torch.equal(cached.splits[k], first.splits[k]) for k in first.splits)
@@ -66,7 +68,7 @@ def test_a_second_start_opens_the_prepared_ids_without_reading_the_text(tmp_path
 
 def test_an_edit_is_seen_even_with_the_same_size_and_the_old_mtime(tmp_path, monkeypatch):
     folder = write_corpus(tmp_path, {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
-    monkeypatch.setattr(preparation, "TIMESTAMP_SLACK_NS", 0)
+    monkeypatch.setattr(cache_check, "TIMESTAMP_SLACK_NS", 0)
     load_corpus(ptb_files(folder), tmp_path / "cache")
     train = folder / "ptb.train.txt"
     before = train.stat()
@@ -81,7 +83,7 @@ def test_a_file_changed_within_a_timestamp_tick_of_its_signature_is_hashed_again
     def coarse(path):
         return [path.stat().st_size, path.stat().st_mtime_ns // 10**9 * 10**9, 0, 0, 0]
 
-    monkeypatch.setattr(preparation, "_signature", coarse)
+    monkeypatch.setattr(cache_check, "signature", coarse)
     folder = write_corpus(tmp_path, {"train": ["a b c"], "valid": ["a"], "test": ["b"]})
     second = (folder / "ptb.train.txt").stat().st_mtime_ns // 10**9 * 10**9
     load_corpus(ptb_files(folder), tmp_path / "cache")
@@ -164,8 +166,10 @@ def test_a_damaged_prepared_corpus_is_prepared_again(tmp_path, caplog):
     train.write_bytes(train.read_bytes()[:3])  # as if the disk had lost its end
     assert load_corpus(ptb_files(folder), tmp_path / "cache").vocab.decode(torch.tensor([0])) == ["a"]
     assert "damaged prepared corpus" in caplog.text
-    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert len(names) == 2 and names[0].startswith("corpus-") and names[1].startswith("sources-")
+    # No partial or set-aside folder is left; the lock file stays (removing it would race with a
+    # process waiting on it).
+    lock, prepared, record = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert prepared.startswith("corpus-") and lock == f".{prepared}.lock" and record.startswith("sources-")
 
 
 def test_a_cache_folder_that_cannot_be_made_fails_before_tokenising_and_makes_nothing(tmp_path, monkeypatch):
@@ -194,7 +198,8 @@ def test_a_full_disk_while_caching_is_one_error_and_leaves_no_file(tmp_path, mon
     )
     with pytest.raises(UserError, match=re.escape(message)):
         load_corpus(ptb_files(folder), tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []  # neither the half-written folder nor a record
+    (lock,) = (tmp_path / "cache").iterdir()  # neither the half-written folder nor a record
+    assert lock.name.endswith(".lock")
 
 
 def test_a_corpus_sent_to_another_process_maps_its_files_again(tmp_path):

@@ -6,7 +6,6 @@ map those files into memory; nothing is tokenised again, and no process reads mo
 the rows it trains on.
 """
 
-import errno
 import hashlib
 import itertools
 import json
@@ -25,16 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lm.data import cache_check
 from lm.data.text import EOS, PIECE_BYTES, Tokenizer, line_ranges, text_pieces
 from lm.data.vocabulary import Vocabulary
 from lm.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 4  # bump when tokenisation, the vocabulary order or the prepared files change
-# A file's stat signature is trusted only once it is this much older than the moment it was taken:
-# a file system with coarse timestamps (FAT: 2 s) could otherwise hide a rewrite in the same tick.
-TIMESTAMP_SLACK_NS = 3_000_000_000
+# Bump when tokenisation, the vocabulary order or the prepared files change: the options, and so
+# every record's and folder's name, change with it, and older caches are prepared again (5: meta.json
+# holds the content key, the options, the text's sizes and each split's checksum).
+CACHE_FORMAT = 5
 
 
 @dataclass
@@ -55,7 +55,8 @@ class Corpus:
 
 
 def _reopen(folder: Path, tokenizer: Tokenizer) -> Corpus:
-    corpus = _open(folder, tokenizer)
+    claims = {"key": folder.name.removeprefix("corpus-")}
+    corpus = _open(folder, tokenizer, claims, "the process that sent it")
     if corpus is None:
         raise UserError(
             f"The prepared corpus {folder} was damaged while this run used it; start the run again."
@@ -77,46 +78,30 @@ def load_corpus(
     options |= {"min_count": min_count, "max_vocab": max_vocab}
     files = {name: Path(path).resolve() for name, path in files.items()}
     # Which prepared corpus these files were last time, recorded by path and stat signature so that
-    # an unchanged corpus opens without reading its text: see `_signature` for why that is safe.
+    # an unchanged corpus opens without reading its text (see `cache_check.signature`). The
+    # folder's meta.json must agree with what the record claims, or the text is hashed again.
     sources = json.dumps([options, sorted((name, str(path)) for name, path in files.items())])
     record_file = cache_dir / f"sources-{hashlib.sha256(sources.encode()).hexdigest()[:16]}.json"
     taken_ns = time.time_ns()
-    signatures = {name: _signature(path) for name, path in files.items()}
-    record, tried = _read_json(record_file), None
-    if record and record["signatures"] == signatures and _settled(record):
-        tried = cache_dir / record["corpus"]
-        corpus = _open(tried, tokenizer)
-        if corpus is not None:
-            return corpus
-
-    folder = cache_dir / f"corpus-{_content_key(files, options)}"
-    corpus = _open(folder, tokenizer) if folder.exists() and folder != tried else None
+    signatures = {name: cache_check.signature(path) for name, path in files.items()}
+    claims = {"options": options, "text_bytes": {name: sig[0] for name, sig in signatures.items()}}
+    record, corpus, tried = cache_check.read_json(record_file), None, None
+    if record and record.get("signatures") == signatures and cache_check.settled(record):
+        tried = cache_dir / f"corpus-{record.get('key')}"
+        corpus = _open(tried, tokenizer, claims | {"key": record.get("key")}, record_file.name)
     if corpus is None:
-        _check_writable(cache_dir)  # before tokenising, which takes a while on a big corpus
-        _prepare(files, folder, tokenizer, min_count, max_vocab)
-        corpus = _open(folder, tokenizer)
-    _write_json({"signatures": signatures, "taken_ns": taken_ns, "corpus": folder.name}, record_file)
+        key = _content_key(files, options)
+        folder = cache_dir / f"corpus-{key}"
+        if folder.exists() and folder != tried:
+            corpus = _open(folder, tokenizer, claims | {"key": key}, "the text's content key")
+        if corpus is None:
+            corpus = _prepared(files, folder, tokenizer, min_count, max_vocab, claims | {"key": key})
+        try:
+            cache_check.write_json({"signatures": signatures, "taken_ns": taken_ns, "key": key}, record_file)
+        except OSError as error:
+            raise cache_check.cache_error(cache_dir, error) from error
+    log.info("the token ids of %s are in %s", files["train"].parent, corpus.folder)
     return corpus
-
-
-def _signature(path: Path) -> list[int]:
-    """Size, modification and status-change times (ns), inode and device of a file.
-
-    Any write to a file moves its mtime and ctime, and ctime cannot be set back (`touch -d`,
-    `cp -p` and `rsync -t` restore mtime only); a file replaced by another has a new inode. So a
-    changed file never shows an old signature, except within one timestamp tick of the moment
-    the signature was taken, which `_settled` rules out. Copying the cache elsewhere only costs
-    one hash of the text.
-    """
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
-
-
-def _settled(record: dict) -> bool:
-    """Every file was last changed well before its signature was taken (git's "racy clean" rule):
-    otherwise the next start hashes the text once more and records a settled signature."""
-    newest = max(max(mtime, ctime) for _, mtime, ctime, _, _ in record["signatures"].values())
-    return newest < record["taken_ns"] - TIMESTAMP_SLACK_NS
 
 
 def _content_key(files: dict[str, Path], options: dict) -> str:
@@ -128,28 +113,65 @@ def _content_key(files: dict[str, Path], options: dict) -> str:
     return digest.hexdigest()[:16]
 
 
+def _prepared(
+    files: dict[str, Path],
+    folder: Path,
+    tokenizer: Tokenizer,
+    min_count: int,
+    max_vocab: int | None,
+    claims: dict,
+) -> Corpus:
+    """Prepare `folder` under its lock, unless another process prepared it meanwhile."""
+    cache_check.check_writable(folder.parent)  # before tokenising, which takes a while on a big corpus
+    before = _identity(folder)
+    try:
+        with cache_check.locked(folder.with_name(f".{folder.name}.lock"), f"preparing {folder}"):
+            corpus = None
+            if _identity(folder) not in (None, before):  # another process prepared it meanwhile
+                corpus = _open(folder, tokenizer, claims, "the text's content key")
+            if corpus is None:
+                _prepare(files, folder, tokenizer, min_count, max_vocab, claims)
+                corpus = _open(folder, tokenizer, claims, "the text's content key")
+    except OSError as error:  # the lock file cannot be made
+        raise cache_check.cache_error(folder.parent, error) from error
+    if corpus is None:
+        raise UserError(f"The corpus prepared in {folder} does not read back: see the warning above.")
+    return corpus
+
+
+def _identity(folder: Path) -> int | None:
+    try:
+        return folder.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
 def _prepare(
-    files: dict[str, Path], folder: Path, tokenizer: Tokenizer, min_count: int, max_vocab: int | None
+    files: dict[str, Path],
+    folder: Path,
+    tokenizer: Tokenizer,
+    min_count: int,
+    max_vocab: int | None,
+    claims: dict,
 ) -> None:
-    """Count and encode every split into a new folder, then rename it into place in one step."""
+    """Count and encode every split into a new folder, then rename it into place in one step. Its
+    meta.json holds `claims` (what it was prepared from) and each split's checksum."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
     except OSError as error:
-        raise _cache_error(
-            folder.parent, error.strerror or str(error), error.errno == errno.ENOSPC
-        ) from error
+        raise cache_check.cache_error(folder.parent, error) from error
     try:
         vocab, stats = _encode_splits(files, work, tokenizer, min_count, max_vocab)
-        _write_json(vocab.tokens, work / "vocab.json")
-        _write_json({"dtype": vocab.id_dtype.str, "splits": stats}, work / "meta.json")
+        cache_check.write_json(vocab.tokens, work / "vocab.json")
+        for name, split in stats.items():
+            split[cache_check.CHECKSUM] = cache_check.checksum(work / f"{name}.bin")
+        cache_check.write_json(claims | {"dtype": vocab.id_dtype.str, "splits": stats}, work / "meta.json")
         if folder.exists():  # a damaged earlier preparation: set aside, then removed
             shutil.rmtree(folder.rename(work.with_name(work.name + "-old")))
         work.rename(folder)
     except OSError as error:  # read-only, no permission, full disk (EROFS, EACCES, EPERM, ENOSPC, ...)
-        raise _cache_error(
-            folder.parent, error.strerror or str(error), error.errno == errno.ENOSPC
-        ) from error
+        raise cache_check.cache_error(folder.parent, error) from error
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -261,19 +283,34 @@ def _write(f, ids: np.ndarray) -> np.ndarray:
     return ids
 
 
-def _open(folder: Path, tokenizer: Tokenizer) -> Corpus | None:
-    """The prepared corpus in `folder`, its ids memory-mapped; None (with a warning) if damaged."""
+def _open(folder: Path, tokenizer: Tokenizer, claims: dict, claimed_by: str) -> Corpus | None:
+    """The prepared corpus in `folder`, its ids memory-mapped, if its meta.json says it was prepared
+    as `claims` (by `claimed_by`) says and its ids are intact; otherwise None, with a warning."""
     try:
-        tokens = json.loads((folder / "vocab.json").read_text())
         meta = json.loads((folder / "meta.json").read_text())
+        if disagree := [
+            f"{what} {meta.get(what)}, not {value}"
+            for what, value in claims.items()
+            if meta.get(what) != value
+        ]:
+            log.warning(
+                "Not trusting %s, named by %s: its meta.json says %s.",
+                folder,
+                claimed_by,
+                "; ".join(disagree),
+            )
+            return None
+        tokens = json.loads((folder / "vocab.json").read_text())
         dtype = np.dtype(meta["dtype"])
-        splits = {}
+        bins = {name: folder / f"{name}.bin" for name in meta["splits"]}
         for name, stats in meta["splits"].items():
-            path = folder / f"{name}.bin"
-            if path.stat().st_size != stats["tokens"] * dtype.itemsize:
-                raise ValueError(f"{path.name} holds {path.stat().st_size} bytes, not {stats['tokens']} ids")
-            splits[name] = _mapped(path, stats["tokens"], dtype)
-    except (OSError, ValueError, KeyError, TypeError) as error:  # rebuilt, never trusted
+            if (size := bins[name].stat().st_size) != stats["tokens"] * dtype.itemsize:
+                raise ValueError(f"{name}.bin holds {size} bytes, not {stats['tokens']} ids")
+        checksums = {name: stats[cache_check.CHECKSUM] for name, stats in meta["splits"].items()}
+        if altered := cache_check.altered_ids(bins, checksums, folder / "verified.json"):
+            raise ValueError(f"{', '.join(f'{name}.bin' for name in altered)} changed since prepared")
+        splits = {name: _mapped(bins[name], stats["tokens"], dtype) for name, stats in meta["splits"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # rebuilt, never trusted
         log.warning("Ignoring the damaged prepared corpus %s (%s); preparing it again.", folder, error)
         return None
     stats = meta["splits"]
@@ -292,44 +329,3 @@ def _mapped(path: Path, count: int, dtype: np.dtype) -> torch.Tensor:
     if count == 0:  # an empty file cannot be mapped
         return torch.empty(0, dtype=torch_dtype)
     return torch.from_file(str(path), shared=False, size=count, dtype=torch_dtype)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(obj: object, path: Path) -> None:
-    """Write to a temporary file and rename, so a killed run or a full disk never leaves half a file."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except OSError as error:  # read-only, no permission, full disk (EROFS, EACCES, EPERM, ENOSPC, ...)
-        raise _cache_error(path.parent, error.strerror or str(error), error.errno == errno.ENOSPC) from error
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _check_writable(cache_dir: Path) -> None:
-    """The nearest folder of `cache_dir` that exists must take new files; nothing is created yet."""
-    existing = cache_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise _cache_error(cache_dir, f"{existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise _cache_error(cache_dir, f"{existing} is not writable")
-
-
-def _cache_error(cache_dir: Path, reason: str, disk_full: bool = False) -> UserError:
-    fix = "set data.cache_dir=PATH to a folder you can write"
-    if disk_full:
-        fix = "free some space, or set data.cache_dir=PATH on another disk"
-    return UserError(f"data.cache_dir={cache_dir} cannot hold the token cache ({reason}): {fix}.")

@@ -195,7 +195,7 @@ def main() -> None:
     shutil.rmtree(cache, ignore_errors=True)
     results["prepare"] = phase("prepare", str(corpus), str(cache))
     # The first start after preparing may hash the text once more, if it was written moments
-    # before (lm/data/prepared.py, `_settled`); the second is every later start.
+    # before (lm/data/cache_check.py, `settled`); the second is every later start.
     phase("prepare", str(corpus), str(cache))
     results["cached_start"] = phase("prepare", str(corpus), str(cache))
     steps = [str(args.hidden_size), str(args.steps), *map(str, args.cutoffs)]
