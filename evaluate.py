@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ composes)
 from lm.allocator import keep_freed_memory
 from lm.data.datamodule import TextDataModule
+from lm.data.options import DataOptions
 from lm.data.text import read_text
 from lm.data.vocabulary import Vocabulary
 from lm.errors import UserError, exit_on_user_error
@@ -62,6 +63,10 @@ def evaluate(cfg: DictConfig) -> dict:
             *dynamic_eval.dynamic_eval_problems(cfg.dynamic_eval),
             *cache.cache_problems(cfg.cache),
             *problems(EvaluateOptions, {key: cfg[key] for key in defaults(EvaluateOptions)}, ""),
+            # data.* here too: the datamodule checks them only once the checkpoint is loaded
+            *problems(
+                DataOptions, {key: cfg.data[key] for key in defaults(DataOptions) if key in cfg.data}, "data"
+            ),
         ]
     )
     dynamic_options = build(dynamic_eval.DynamicEvalOptions, cfg.dynamic_eval)

@@ -37,7 +37,7 @@ from lm.training.options import check_command
 from lm.training.run_folder import prepare_run_folder
 from lm.training.safe_stop import Interrupted, TrainingCheckpoint, fit_until_stopped
 from lm.training.throughput import TokensPerSecond
-from lm.training.trainer import build_trainer
+from lm.training.trainer import build_trainer, check_validation_interval
 
 log = logging.getLogger("train")
 
@@ -54,11 +54,13 @@ def train(cfg: DictConfig) -> dict:
     resume_from = prepare_run_folder(cfg, run_dir)
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]  # the run's clock starts
     L.seed_everything(cfg.seed, workers=True)
+    # Before the data (it needs none): what Lightning refuses is one line before anything is read.
+    trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)  # checked when resuming
-    trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
     datamodule.check_divides(trainer.world_size)  # here too: ddp_spawn's workers cannot report it as one line
+    check_validation_interval(trainer, datamodule.fewest_train_windows(), datamodule.options.vary_num_steps)
     log.info(
         "%.2fM parameters; %d tokens per step (%d streams x %d steps)%s",
         sum(p.numel() for p in model.parameters()) / 1e6,

@@ -6,9 +6,13 @@ several mistakes names them all.
 Hydra gets the dataclasses' defaults as the nodes' keys (lm/config.py), untyped: a value of the
 wrong type reaches `problems`, which reports it beside the others, rather than stopping Hydra at
 the first.
+
+The nodes that build classes we do not own (trainer.*, callbacks.*, logger.*) are not declared
+again: `argument_problems` checks their true/false keys against the classes' own annotations.
 """
 
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -87,6 +91,52 @@ def problems(options: type, values: Mapping[str, Any], prefix: str) -> list[str]
         if not accepted(value) or (rule and value is not None and not rule.valid(value)):
             lines.append(refusal(path(name), value, kind + (rule.allowed if rule else "")))
     return lines
+
+
+def argument_problems(target: Callable, values: Mapping[str, Any], prefix: str) -> list[str]:
+    """One line for each of `values` that `target` (a class we do not own: Lightning's Trainer, a
+    callback, a logger) declares true/false (`bool`, `bool | None`, `bool | Literal["warn"]`, ...)
+    but is of no type it names: Lightning would take `enable_progress_bar='no'` as true. Its other
+    parameters are its own to check; `values` are read (interpolations resolved) only where checked."""
+    function = target.__init__ if inspect.isclass(target) else target
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # an annotation that does not resolve here: nothing to judge by
+        return []
+    lines = []
+    for name, hint in hints.items():
+        choices = _scalar_choices(hint) if name in values else None
+        if choices is not None and not choices[1](values[name]):
+            lines.append(refusal(f"{prefix}.{name}", values[name], choices[0]))
+    return lines
+
+
+def _scalar_choices(hint: Any) -> tuple[str, Callable[[Any], bool]] | None:
+    """A true/false annotation, in words, and whether a value has one of its types; None for an
+    annotation without bool, or with a type a config value cannot have (a Logger)."""
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    members = typing.get_args(hint) if union else (hint,)
+    if bool not in members:
+        return None
+    words, checks = [], []
+    for member in members:
+        if member is type(None):
+            words.append("null")
+            checks.append(lambda value: value is None)
+        elif member is bool:
+            words += ["true", "false"]
+            checks.append(lambda value: isinstance(value, bool))
+        elif typing.get_origin(member) is Literal:
+            choices = typing.get_args(member)
+            words += map(str, choices)
+            checks.append(choices.__contains__)
+        elif member in (int, float, str):
+            kind, accepted = _describe(member)
+            words.append(kind)
+            checks.append(accepted)
+        else:
+            return None
+    return ", ".join(words[:-1]) + " or " + words[-1], lambda value: any(check(value) for check in checks)
 
 
 def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

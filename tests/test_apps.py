@@ -92,6 +92,14 @@ def test_a_damaged_checkpoint_is_a_clear_error(trained, tmp_path):
             ],
         ),
         (
+            "evaluate.py",
+            ["data.eval_batch_size=abc", "split=dev"],
+            [
+                "data.eval_batch_size='abc' is not allowed: it must be an integer, 1 or more.",
+                "split='dev' is not allowed: it must be test, valid or train.",
+            ],
+        ),
+        (
             "score.py",
             ["file=/nonexistent.txt", "carry_state=yes", "format=csv"],
             [

@@ -12,6 +12,9 @@ from torch import nn
 
 from lm.data.datamodule import PTBDataModule
 from lm.data.windows import WindowDataset, batchify, variable_lengths
+from lm.evaluation.generation import sample
+from lm.evaluation.loading import load_model
+from lm.evaluation.scoring import score_stream
 from lm.models.dropout import embedding_dropout, locked_dropout
 from lm.models.lstm import LSTMNetwork, LSTMOptions
 from lm.training.module import LanguageModel
@@ -108,6 +111,48 @@ def test_tied_weights_with_a_smaller_embedding_give_the_last_layer_its_size():
     assert net.decoder.weight is net.embedding.weight
     logits, state = net(torch.randint(50, (2, 5)))
     assert logits.shape == (2, 5, 50) and [h.size(-1) for h, _ in state] == [32, 32, 8]
+
+
+def test_one_tied_layer_has_the_embedding_size_and_runs_as_one_nn_lstm_or_per_layer_alike():
+    # AWD-LSTM's last layer outputs embedding_size when tied; with one layer, that is the only one.
+    options = LSTMOptions(hidden_size=32, num_layers=1, tie_weights=True, embedding_size=8)
+    fused = LSTMNetwork(50, options)
+    per_layer = LSTMNetwork(50, dataclasses.replace(options, hidden_dropout=0.5))  # no effect with one layer
+    assert (
+        [(rnn.input_size, rnn.hidden_size) for rnn in fused.rnns]
+        == [(8, 8)]
+        == [(rnn.input_size, rnn.hidden_size) for rnn in per_layer.rnns]
+    )
+    per_layer.load_state_dict(fused.state_dict())
+    x = torch.randint(50, (3, 7))
+    (logits, state), (again, again_state) = fused.eval()(x), per_layer.eval()(x)
+    assert torch.equal(logits, again) and all(map(torch.equal, state[0], again_state[0]))
+
+
+def test_a_model_of_one_tied_layer_trains_scores_and_generates(tmp_path):
+    torch.manual_seed(0)
+    lines = ["the cat sat on the mat", "a dog ate a big red bone"]  # a text there is to learn
+    corpus = write_corpus(
+        tmp_path / "corpus", {"train": lines * 150, "valid": lines * 20, "test": lines * 20}
+    )
+    datamodule = PTBDataModule(str(corpus), str(tmp_path / "cache"), batch_size=4, num_steps=20)
+    model = language_model(
+        datamodule.vocab_size, hidden_size=32, num_layers=1, tie_weights=True, embedding_size=8
+    )
+    trainer = quiet_trainer(max_epochs=2, gradient_clip_val=5)  # Zaremba's clip
+    (untrained,) = trainer.validate(model, datamodule=datamodule, verbose=False)
+    trainer.fit(model, datamodule=datamodule)
+    (trained,) = trainer.validate(model, datamodule=datamodule, verbose=False)
+    assert trained["val/ppl"] < untrained["val/ppl"] / 4  # about 13 -> 1.2
+    (tested,) = trainer.test(model, datamodule=datamodule, verbose=False)
+
+    trainer.save_checkpoint(tmp_path / "one-layer.ckpt", weights_only=True)
+    loaded = load_model(str(tmp_path / "one-layer.ckpt"))
+    test_ids = datamodule.corpus.splits["test"].long()
+    scores = score_stream(loaded.net, test_ids, torch.device("cpu"), chunk_length=50)
+    assert scores.perplexity() == pytest.approx(tested["test/ppl"], rel=1e-5)
+    words = sample(loaded.net, test_ids[:3], num_words=5, num_samples=2, generator=torch.Generator())
+    assert words.shape == (2, 5) and int(words.max()) < datamodule.vocab_size
 
 
 def test_variable_windows_follow_the_rule_and_cover_the_stream_continuously():

@@ -59,6 +59,8 @@ def test_a_command_with_several_bad_options_names_them_all_before_any_data_is_re
         "data.min_count=0",
         "overwrite=no",
         "trainer.gradient_clip_val=-1",
+        "trainer.enable_progress_bar=no",
+        "callbacks.model_checkpoint.save_last=no",
         f"hydra.run.dir={tmp_path / 'run'}",
         "data.dir=/nonexistent",
     )
@@ -70,6 +72,8 @@ def test_a_command_with_several_bad_options_names_them_all_before_any_data_is_re
         "data.min_count=0 is not allowed: it must be an integer, 1 or more.",
         "overwrite='no' is not allowed: it must be true or false.",
         "trainer.gradient_clip_val=-1 is not allowed: it must be null or a number, 0 or more",
+        "trainer.enable_progress_bar='no' is not allowed: it must be true, false or null.",
+        "callbacks.model_checkpoint.save_last='no' is not allowed: it must be true, false, link or null.",
     ):
         assert line in result.stdout, result.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -87,6 +91,9 @@ def test_a_command_with_several_bad_options_names_them_all_before_any_data_is_re
             "trainer.val_check_interval=1.0",
         ],
         ["trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=10", "seed=4294967295"],
+        ["trainer.deterministic=warn", "trainer.fast_dev_run=2", "callbacks.model_checkpoint.save_last=link"],
+        ["trainer.enable_progress_bar=false", "trainer.benchmark=null", "logger.default_hp_metric=true"],
+        ["trainer.log_every_n_steps=null", "trainer.accumulate_grad_batches=4", "~callbacks.progress_bar"],
     ],
 )
 def test_what_lightning_accepts_passes(overrides):

@@ -17,7 +17,7 @@ from lm.data.ptb import SPLITS, URL, ensure_ptb
 from lm.data.text import Tokenizer
 from lm.data.vocabulary import Vocabulary
 from lm.data.wikitext import check_published_counts, ensure_wikitext, wikitext_files
-from lm.data.windows import InOrder, WindowDataset, batchify, variable_lengths
+from lm.data.windows import InOrder, WindowDataset, batchify, longest_variable_window, variable_lengths
 from lm.errors import UserError
 from lm.options import problems, refuse
 
@@ -144,6 +144,14 @@ class TextDataModule(L.LightningDataModule):
                     f"one window of {steps_key}={num_steps}. Lower {batch_key} or {steps_key}."
                 )
             self.streams[split] = self._rows_of_rank(streams, rank, world_size, split)
+
+    def fewest_train_windows(self) -> int:
+        """The training windows (batches) of an epoch, at fewest: full windows of num_steps, or
+        variable ones, which cover every target in windows of at most `longest_variable_window`."""
+        targets = max(len(self.corpus.splits["train"]) // self.options.batch_size - 1, 0)
+        if not self.options.vary_num_steps:
+            return targets // self.options.num_steps
+        return -(-targets // longest_variable_window(self.options.num_steps))
 
     def check_divides(self, world_size: int) -> None:
         """The global batches must split evenly among the processes (docs/design.md, "Many devices")."""

@@ -58,6 +58,11 @@ class WindowDataset(Dataset):
         return self.streams[:, start:end].long(), self.streams[:, start + 1 : end + 1].long()
 
 
+def longest_variable_window(num_steps: int) -> int:
+    """The longest window `variable_lengths` draws about `num_steps` (AWD-LSTM's cap)."""
+    return num_steps + 20
+
+
 def variable_lengths(targets: int, num_steps: int, generator: torch.Generator) -> list[int]:
     """AWD-LSTM's window lengths (Merity et al. 2017), drawn until `targets` are covered.
 
@@ -68,7 +73,7 @@ def variable_lengths(targets: int, num_steps: int, generator: torch.Generator) -
     while covered < targets:
         base = num_steps if torch.rand(1, generator=generator).item() < 0.95 else num_steps / 2
         length = max(5, int(torch.normal(base, 5.0, (1,), generator=generator).item()))
-        lengths.append(min(length, num_steps + 20, targets - covered))
+        lengths.append(min(length, longest_variable_window(num_steps), targets - covered))
         covered += lengths[-1]
     return lengths
 

@@ -29,7 +29,7 @@ class LSTMOptions(NetworkOptions):
 
     name = "lstm"
     hidden_size: int = option(200, at_least(1))
-    """Units of each layer; with tie_weights the last one has embedding_size."""
+    """Units of each layer; with tie_weights the last one has embedding_size (one layer: it alone)."""
     num_layers: int = option(2, at_least(1))
     """LSTM layers."""
     dropout: float = option(0.0, FRACTION)
@@ -115,9 +115,9 @@ class LSTMNetwork(nn.Module):
             self.rnns = nn.ModuleList(
                 nn.LSTM(sizes[i], sizes[i + 1], batch_first=True) for i in range(o.num_layers)
             )
-        else:  # nn.LSTM's `dropout` acts between layers only
+        else:  # every layer of one size (one tied layer: embedding_size); `dropout` acts between layers only
             self.rnns = nn.ModuleList(
-                [nn.LSTM(hidden_size, hidden_size, o.num_layers, dropout=o.dropout, batch_first=True)]
+                [nn.LSTM(sizes[0], sizes[0], o.num_layers, dropout=o.dropout, batch_first=True)]
             )
         self.output_size = last_size  # what the softmax, and the cache, read at each position
         # The head, under the names its weights have in checkpoints: `decoder` or `adaptive_softmax`.

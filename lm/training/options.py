@@ -1,18 +1,20 @@
 """The training options (model.*), the run's (seed, resume, overwrite), and the check of a whole
-command: every problem of the network's, the training's, the data's and the Trainer's options at
-once, one line each, before any data is read."""
+command: every problem of the network's, the training's, the data's, the Trainer's, the callbacks'
+and the logger's options at once, one line each, before any data is read."""
 
+import importlib
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import lightning as L
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from lm.data.options import DataOptions
 from lm.models.network import network_problems
-from lm.options import above, at_least, between, defaults, option, problems, refuse
+from lm.options import above, argument_problems, at_least, between, defaults, option, problems, refuse
 from lm.training.trainer import check_precision, trainer_problems
 
 
@@ -67,8 +69,33 @@ def check_command(cfg: DictConfig) -> None:
             *problems(DataOptions, data, "data"),
             *problems(RunOptions, {key: cfg[key] for key in defaults(RunOptions)}, ""),
             *trainer_problems(cfg.trainer),
+            *_built_objects_problems(cfg),
         ]
     )
+
+
+def _built_objects_problems(cfg: DictConfig) -> list[str]:
+    """The true/false arguments of what trainer.*, callbacks.<name>.* and logger.* build, checked
+    against the classes' own annotations (they are not ours to declare again)."""
+    lines = argument_problems(L.Trainer, cfg.trainer, "trainer")
+    nodes = {f"callbacks.{name}": node for name, node in (cfg.get("callbacks") or {}).items()}
+    for path, node in {**nodes, "logger": cfg.get("logger")}.items():
+        target = _built_class(node)
+        if target is not None:
+            lines += argument_problems(target, node, path)
+    return lines
+
+
+def _built_class(node: Any) -> type | None:
+    """The class a config node builds (its `_target_`); None for a node that builds nothing or a class
+    that does not import, which `instantiate` reports. By hand: Hydra's get_class logs an error first."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return None
+    module, _, name = str(node._target_).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def _values(node: Mapping[str, Any], *leave_out: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 import functools
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,9 @@ def trainer_arguments(trainer_cfg: DictConfig) -> dict[str, Any]:
 
 def trainer_problems(trainer: DictConfig) -> list[str]:
     """The Trainer's values that Lightning takes silently (`gradient_clip_val=-1` ascends the
-    gradient) or refuses with a traceback only once the corpus is loaded, one line each. What
-    Lightning 2.6 accepts passes, 0 epochs included; the Trainer declares its own arguments."""
+    gradient, `log_every_n_steps=0` divides by zero) or refuses with a traceback only once the
+    corpus is loaded, one line each. What Lightning 2.6 accepts and runs passes, 0 epochs included;
+    what it refuses when built, `build_trainer` names."""
     batches = "null, an integer, 0 or more, or a share in [0.0, 1.0]"
     rules = {
         "max_epochs": (
@@ -68,13 +70,17 @@ def trainer_problems(trainer: DictConfig) -> list[str]:
             lambda v: v != 0 and _batches(v),
             "null, an integer, 1 or more (batches), or a share of the epoch in (0.0, 1.0]",
         ),
+        # 0 passes the Trainer's construction, then divides at the first step (ZeroDivisionError):
+        # in is_logging_step below, and in Lightning's gradient accumulation.
+        "log_every_n_steps": (lambda v: v is None or _integer(v, 1), "null (50) or an integer, 1 or more"),
+        "accumulate_grad_batches": (lambda v: _integer(v, 1), "an integer, 1 or more"),
     }
     lines = [
         refusal(f"trainer.{key}", trainer[key], allowed)
         for key, (valid, allowed) in rules.items()
         if not valid(trainer[key])
     ]
-    if trainer.use_distributed_sampler is not False:  # docs/design.md, "Many devices"
+    if trainer.use_distributed_sampler is True:  # docs/design.md, "Many devices"; a non-bool: lm/options.py
         lines.append(
             f"trainer.use_distributed_sampler={trainer.use_distributed_sampler} would let Lightning re-split "
             "and reorder the windows, which each rank reads in order from its own streams: set "
@@ -143,9 +149,74 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list[Callback] = (), **obj
         callbacks = [callback for callback in callbacks if not isinstance(callback, ModelSummary)]
     if any(isinstance(callback, ModelSummary) for callback in callbacks):
         arguments["enable_model_summary"] = False  # Lightning adds none of its own
-    trainer = L.Trainer(**arguments, callbacks=list(callbacks), **objects)
+    try:
+        trainer = L.Trainer(**arguments, callbacks=list(callbacks), **objects)
+    except UserError:
+        raise
+    except Exception as error:  # MisconfigurationException, ValueError, TypeError...: see the log
+        log.debug("Lightning refused the Trainer's arguments", exc_info=error)
+        raise UserError(_refusal_by_lightning(trainer_cfg, arguments, callbacks, objects, error)) from error
     _refuse_to_relaunch_a_sweep(trainer)
     return trainer
+
+
+def _refusal_by_lightning(
+    trainer_cfg: DictConfig,
+    arguments: dict[str, Any],
+    callbacks: list[Callback],
+    objects: dict[str, Any],
+    error: Exception,
+) -> str:
+    """The line naming the trainer.* value that Lightning's Trainer refused. Its exceptions name an
+    argument in words of their own, so the arguments are given again, one more at a time in the
+    config's order, until one is refused: alone, or beside those before it (barebones=true after
+    log_every_n_steps=50)."""
+    keys = list(arguments)
+    previous_disable = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # each Trainer logs its devices, and may warn
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for count in range(len(keys) + 1):  # none (the callbacks and logger alone), the first, ...
+                given = {key: arguments[key] for key in keys[:count]}
+                try:
+                    L.Trainer(**given, callbacks=list(callbacks), **objects)
+                except Exception as refusal:
+                    if count == 0:
+                        break
+                    key, value = keys[count - 1], arguments[keys[count - 1]]
+                    if key in ("accelerator", "devices") and trainer_cfg.get("gpus"):
+                        key, value = "gpus", trainer_cfg.gpus  # what the command said (trainer_arguments)
+                    return f"trainer.{key}={value!r} is refused by Lightning: {_first_line(refusal)}"
+    finally:
+        logging.disable(previous_disable)
+    return f"Lightning refuses the Trainer of trainer.*, callbacks.* and logger.*: {_first_line(error)}"
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
+
+
+def check_validation_interval(trainer: L.Trainer, windows: int, variable: bool) -> None:
+    """A trainer.val_check_interval of N batches must fit in every epoch of `windows` training
+    batches (fewer with variable windows), limit_train_batches applied: Lightning refuses it only
+    when training begins, after the sanity check, and with a traceback (or in a later epoch with
+    fewer variable windows). Call it as soon as the corpus is read."""
+    interval, limit = trainer.val_check_interval, trainer.limit_train_batches
+    if (
+        not isinstance(interval, int)
+        or trainer.check_val_every_n_epoch is None
+        or not trainer.limit_val_batches
+    ):
+        return  # a share of the epoch, or validation counted across epochs, or none
+    batches = min(windows, limit) if isinstance(limit, int) else int(windows * limit)
+    if 0 < batches < interval:
+        fewest = " at fewest (data.vary_num_steps=true)" if variable else ""
+        raise UserError(
+            f"trainer.val_check_interval={interval} batches is more than an epoch's {batches} training "
+            f"batches{fewest}: give at most {batches}, a share of the epoch (0.5: twice an epoch), or "
+            "trainer.check_val_every_n_epoch=null to count the batches across epochs."
+        )
 
 
 def _refuse_to_relaunch_a_sweep(trainer: L.Trainer) -> None:
