@@ -85,10 +85,11 @@ def test_a_damaged_checkpoint_is_a_clear_error(trained, tmp_path):
     [
         (
             "generate.py",
-            ["prompt=the", "num_words=-1", "temperature=0.0001"],
+            ["prompt=the", "num_words=-1", "temperature=0.0001", f"seed={2**80}"],
             [
                 "num_words=-1 is not allowed: it must be an integer, 0 or more.",
                 "temperature=0.0001 is not allowed: it must be a number: 0 (greedy) or at least 0.001.",
+                f"seed={2**80} is not allowed: it must be an integer in [0, 4294967295].",  # train.py's range
             ],
         ),
         (
@@ -201,6 +202,19 @@ def test_sampling_stays_within_the_top_k_tokens():
         logits[:, len(prompt) - 1 :] > logits[:, len(prompt) - 1 :].gather(2, unrestricted.unsqueeze(2))
     ).sum(2)
     assert (ranks >= 3).any()  # without top_k, a hot sample leaves the top 3: the test above can fail
+
+
+def test_a_huge_temperature_samples_uniformly_among_the_top_k():
+    torch.manual_seed(0)
+    net = LSTMNetwork(50, LSTMOptions(hidden_size=16, init_scale=1.0)).eval()
+    prompt = torch.tensor([3, 1, 4])
+    # 1e300 is inf in float32: every logit over it is 0, where a masked -inf over it would be NaN.
+    words = sample(net, prompt, 1, 3000, 1e300, top_k=3, generator=torch.Generator().manual_seed(0))
+    logits, _ = net(prompt.view(1, -1))
+    top = logits[0, -1].topk(3).indices
+    counts = torch.bincount(words.view(-1), minlength=50)
+    assert set(counts.nonzero().view(-1).tolist()) == set(top.tolist())
+    assert counts[top].min() > 900  # about 1000 each of 3000
 
 
 def test_score_refuses_an_empty_file_and_writes_nothing(trained, tmp_path):
