@@ -217,6 +217,39 @@ def test_a_huge_temperature_samples_uniformly_among_the_top_k():
     assert counts[top].min() > 900  # about 1000 each of 3000
 
 
+NAN_WEIGHT = "net.rnns.0.weight_hh_l0"
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(trained) -> Path:
+    """The trained checkpoint with one weight NaN (train.py saves none: an altered file may hold it)."""
+    checkpoint = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
+    checkpoint["state_dict"][NAN_WEIGHT][0, 0] = math.nan
+    path = trained["root"] / "nan.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("script", "option", "output"),
+    [
+        ("generate.py", "prompt=the", "samples.txt"),
+        ("score.py", "file=", "scores.tsv"),
+        ("evaluate.py", "file=", "evaluation.json"),
+    ],
+)
+def test_weights_that_are_not_finite_are_one_line_before_any_pass(
+    trained, nan_checkpoint, tmp_path, script, option, output
+):
+    option += str(trained["text"] / "test.txt") if option == "file=" else ""
+    result = run_script(script, f"ckpt_path={nan_checkpoint}", option, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    message = f"ckpt_path={nan_checkpoint} holds weights that are not finite (NaN or inf in {NAN_WEIGHT})"
+    assert message in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / output).exists()
+
+
 def test_score_refuses_an_empty_file_and_writes_nothing(trained, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
