@@ -1,8 +1,10 @@
 """evaluate.py, generate.py and score.py on a model trained by train.py on a text folder."""
 
 import csv
+import errno
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,13 @@ from hydra import compose, initialize_config_dir
 
 from evaluate import evaluation_device
 from lm import PROJECT_ROOT
+from lm.errors import UserError
 from lm.evaluation.generation import sample
 from lm.models.lstm import LSTMNetwork, LSTMOptions
+from score import score
 from tests.conftest import TINY_RUN, random_lines, run_script, run_train
 from tests.test_adaptation import run_evaluate
+from tests.test_gpu import app_config
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +253,88 @@ def test_weights_that_are_not_finite_are_one_line_before_any_pass(
     assert message in result.stdout, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / output).exists()
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "generate.py", "score.py"])
+def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, script):
+    (tmp_path / "a-file").write_text("a regular file")  # root writes through chmod; not under a file
+    run = tmp_path / "a-file" / "run"
+    result = run_script(script, "ckpt_path=/nonexistent.ckpt", f"hydra.run.dir={run}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert (
+        f"hydra.run.dir={run} cannot be written ({tmp_path / 'a-file'} is a file, not a folder): "
+        "give hydra.run.dir a folder you can write." in output
+    )
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("case", ["a folder", "a path under a file", "the scored file"])
+def test_score_refuses_an_output_it_cannot_write_before_scoring(trained, tmp_path, case):
+    scored = tmp_path / "sentences.txt"
+    scored.write_text("the cat sat\n")
+    (tmp_path / "a-file").write_text("kept")
+    output, reason = {
+        "a folder": (tmp_path, "is a folder, not a file"),
+        "a path under a file": (
+            tmp_path / "a-file" / "scores.tsv",
+            f"cannot be written ({tmp_path / 'a-file'} is a file, not a folder)",
+        ),
+        "the scored file": (scored, "is the file being scored, which writing would replace"),
+    }[case]
+    result = run_script(
+        "score.py",
+        f"ckpt_path={trained['ckpt']}",
+        f"file={scored}",
+        f"output={output}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 1
+    assert (
+        f"output={output} {reason}: give output a file path in a folder you can write, or leave it out"
+        in result.stdout
+    ), result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert scored.read_text() == "the cat sat\n" and (tmp_path / "a-file").read_text() == "kept"
+
+
+def scored(trained: dict) -> list[str]:
+    """score.py's options for the trained model's test text, to run in this process (app_config)."""
+    return [f"ckpt_path={trained['ckpt']}", f"file={trained['text'] / 'test.txt'}"]
+
+
+def test_score_refuses_an_unwritable_output_before_scoring(trained, tmp_path, monkeypatch):
+    out = tmp_path / "read-only" / "scores.tsv"
+    out.parent.mkdir()
+    # What a user without write permission sees there (root writes through chmod: no such folder for it).
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != out.parent and real_access(path, mode))
+    monkeypatch.setattr("score.load_model", lambda *args: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError) as error:
+        score(app_config("score", tmp_path / "run", *scored(trained), f"output={out}"))
+    assert str(error.value) == (
+        f"output={out} cannot be written ({out.parent} is not writable): give output a file path in a "
+        "folder you can write, or leave it out (the run folder)."
+    )
+
+
+def test_a_failed_write_is_one_line_and_keeps_the_earlier_scores(trained, tmp_path, monkeypatch):
+    out = tmp_path / "scores" / "scores.tsv"
+    out.parent.mkdir()
+    out.write_text("earlier scores")
+    real_write = Path.write_text
+
+    def disk_fills(path: Path, text: str, *args, **kwargs):  # mid-write, next to the output only
+        if path.parent != out.parent:
+            return real_write(path, text, *args, **kwargs)
+        real_write(path, text[:10], *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", disk_fills)
+    with pytest.raises(UserError) as error:
+        score(app_config("score", tmp_path / "run", *scored(trained), f"output={out}"))
+    assert str(error.value).startswith(f"output={out} cannot be written (No space left on device): ")
+    assert out.read_text() == "earlier scores" and list(out.parent.iterdir()) == [out]
 
 
 def test_score_refuses_an_empty_file_and_writes_nothing(trained, tmp_path):
