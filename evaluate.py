@@ -121,8 +121,8 @@ def evaluate(cfg: DictConfig) -> dict:
     path.write_text(json_text(evaluation))
     if not math.isfinite(evaluation["ppl"]):
         raise UserError(
-            f"The perplexity is not finite ({evaluation['ppl']}; null in {path}): the checkpoint's weights "
-            "are not finite, or the adaptation diverged. Check ckpt_path, or lower dynamic_eval.lr."
+            f"The perplexity is not finite ({evaluation['ppl']}; null in {path}): the adaptation diverged, "
+            "or the checkpoint's weights are far too large. Lower dynamic_eval.lr, or check ckpt_path."
         )
     log.info("perplexity %.4f over %d targets; %s", evaluation["ppl"], evaluation["targets"], path)
     return evaluation

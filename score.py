@@ -9,8 +9,8 @@ natural logs. Writes TSV (line, targets, log_prob, ppl, text) or JSON to `output
 """
 
 import csv
+import io
 import logging
-import math
 from pathlib import Path
 
 import hydra
@@ -22,7 +22,8 @@ from lm.data.text import read_text, text_lines
 from lm.errors import UserError, exit_on_user_error
 from lm.evaluation.loading import load_model, pick_device
 from lm.evaluation.options import ScoreOptions
-from lm.evaluation.scoring import line_log_probs
+from lm.evaluation.outputs import output_file, write_whole
+from lm.evaluation.scoring import line_log_probs, perplexity
 from lm.json_output import json_text
 from lm.options import defaults, problems, refuse
 
@@ -33,6 +34,8 @@ def score(cfg: DictConfig) -> dict:
     refuse(problems(ScoreOptions, {key: cfg[key] for key in defaults(ScoreOptions)}, ""))
     device = pick_device(cfg.device)
     path = Path(cfg.file).expanduser()
+    run_folder = Path(HydraConfig.get().runtime.output_dir)  # checked by conf/score.yaml's callback
+    out = output_file(str(cfg.output), "output", path) if cfg.output else run_folder / f"scores.{cfg.format}"
     lines = text_lines(read_text(path))
     if not lines:  # as evaluate.py: a file with no line has no target, not even an <eos>
         raise UserError(f"file={path} holds no token to score: it is empty.")
@@ -43,7 +46,7 @@ def score(cfg: DictConfig) -> dict:
             "line": i + 1,
             "targets": targets,
             "log_prob": log_prob,
-            "ppl": math.exp(-log_prob / targets),
+            "ppl": perplexity(-log_prob, targets),
             "text": text,
         }
         for i, ((targets, log_prob), text) in enumerate(zip(scores, lines, strict=True))
@@ -52,22 +55,10 @@ def score(cfg: DictConfig) -> dict:
     total = {
         "targets": targets,
         "log_prob": log_prob,
-        "ppl": math.exp(-log_prob / targets) if targets else None,
+        "ppl": perplexity(-log_prob, targets) if targets else None,
     }
 
-    out = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / f"scores.{cfg.format}").expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as file:
-        if cfg.format == "json":
-            document = {"file": str(cfg.file), "carry_state": cfg.carry_state, "total": total, "lines": rows}
-            file.write(json_text(document))
-        else:  # tab-separated; csv quotes a line that holds a tab or a quote, so columns stay aligned
-            writer = csv.writer(file, delimiter="\t", lineterminator="\n")
-            writer.writerow(["line", "targets", "log_prob", "ppl", "text"])
-            for row in rows:
-                writer.writerow(
-                    [row["line"], row["targets"], f"{row['log_prob']:.6f}", f"{row['ppl']:.4f}", row["text"]]
-                )
+    write_whole(out, "output", scores_text(cfg, total, rows))
     log.info(
         "%d lines, %d targets, log-probability %.4f, perplexity %s; %s",
         len(rows),
@@ -77,6 +68,23 @@ def score(cfg: DictConfig) -> dict:
         out,
     )
     return {"total": total, "lines": rows}
+
+
+def scores_text(cfg: DictConfig, total: dict, rows: list[dict]) -> str:
+    """The file's contents in `cfg.format`."""
+    if cfg.format == "json":
+        return json_text(
+            {"file": str(cfg.file), "carry_state": cfg.carry_state, "total": total, "lines": rows}
+        )
+    # Tab-separated; csv quotes a line that holds a tab or a quote, so columns stay aligned.
+    text = io.StringIO()
+    writer = csv.writer(text, delimiter="\t", lineterminator="\n")
+    writer.writerow(["line", "targets", "log_prob", "ppl", "text"])
+    for row in rows:
+        writer.writerow(
+            [row["line"], row["targets"], f"{row['log_prob']:.6f}", f"{row['ppl']:.4f}", row["text"]]
+        )
+    return text.getvalue()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="score")

@@ -1,8 +1,10 @@
 """evaluate.py, generate.py and score.py on a model trained by train.py on a text folder."""
 
 import csv
+import errno
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -11,10 +13,13 @@ from hydra import compose, initialize_config_dir
 
 from evaluate import evaluation_device
 from lm import PROJECT_ROOT
+from lm.errors import UserError
 from lm.evaluation.generation import sample
 from lm.models.lstm import LSTMNetwork, LSTMOptions
+from score import score
 from tests.conftest import TINY_RUN, random_lines, run_script, run_train
 from tests.test_adaptation import run_evaluate
+from tests.test_gpu import app_config
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +90,11 @@ def test_a_damaged_checkpoint_is_a_clear_error(trained, tmp_path):
     [
         (
             "generate.py",
-            ["prompt=the", "num_words=-1", "temperature=0.0001"],
+            ["prompt=the", "num_words=-1", "temperature=0.0001", f"seed={2**80}"],
             [
                 "num_words=-1 is not allowed: it must be an integer, 0 or more.",
                 "temperature=0.0001 is not allowed: it must be a number: 0 (greedy) or at least 0.001.",
+                f"seed={2**80} is not allowed: it must be an integer in [0, 4294967295].",  # train.py's range
             ],
         ),
         (
@@ -209,6 +215,134 @@ def test_sampling_stays_within_the_top_k_tokens():
         logits[:, len(prompt) - 1 :] > logits[:, len(prompt) - 1 :].gather(2, unrestricted.unsqueeze(2))
     ).sum(2)
     assert (ranks >= 3).any()  # without top_k, a hot sample leaves the top 3: the test above can fail
+
+
+def test_a_huge_temperature_samples_uniformly_among_the_top_k():
+    torch.manual_seed(0)
+    net = LSTMNetwork(50, LSTMOptions(hidden_size=16, init_scale=1.0)).eval()
+    prompt = torch.tensor([3, 1, 4])
+    # 1e300 is inf in float32: every logit over it is 0, where a masked -inf over it would be NaN.
+    words = sample(net, prompt, 1, 3000, 1e300, top_k=3, generator=torch.Generator().manual_seed(0))
+    logits, _ = net(prompt.view(1, -1))
+    top = logits[0, -1].topk(3).indices
+    counts = torch.bincount(words.view(-1), minlength=50)
+    assert set(counts.nonzero().view(-1).tolist()) == set(top.tolist())
+    assert counts[top].min() > 900  # about 1000 each of 3000
+
+
+NAN_WEIGHT = "net.rnns.0.weight_hh_l0"
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(trained) -> Path:
+    """The trained checkpoint with one weight NaN (train.py saves none: an altered file may hold it)."""
+    checkpoint = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
+    checkpoint["state_dict"][NAN_WEIGHT][0, 0] = math.nan
+    path = trained["root"] / "nan.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("script", "option", "output"),
+    [
+        ("generate.py", "prompt=the", "samples.txt"),
+        ("score.py", "file=", "scores.tsv"),
+        ("evaluate.py", "file=", "evaluation.json"),
+    ],
+)
+def test_weights_that_are_not_finite_are_one_line_before_any_pass(
+    trained, nan_checkpoint, tmp_path, script, option, output
+):
+    option += str(trained["text"] / "test.txt") if option == "file=" else ""
+    result = run_script(script, f"ckpt_path={nan_checkpoint}", option, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    message = f"ckpt_path={nan_checkpoint} holds weights that are not finite (NaN or inf in {NAN_WEIGHT})"
+    assert message in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / output).exists()
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "generate.py", "score.py"])
+def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, script):
+    (tmp_path / "a-file").write_text("a regular file")  # root writes through chmod; not under a file
+    run = tmp_path / "a-file" / "run"
+    result = run_script(script, "ckpt_path=/nonexistent.ckpt", f"hydra.run.dir={run}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert (
+        f"hydra.run.dir={run} cannot be written ({tmp_path / 'a-file'} is a file, not a folder): "
+        "give hydra.run.dir a folder you can write." in output
+    )
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("case", ["a folder", "a path under a file", "the scored file"])
+def test_score_refuses_an_output_it_cannot_write_before_scoring(trained, tmp_path, case):
+    scored = tmp_path / "sentences.txt"
+    scored.write_text("the cat sat\n")
+    (tmp_path / "a-file").write_text("kept")
+    output, reason = {
+        "a folder": (tmp_path, "is a folder, not a file"),
+        "a path under a file": (
+            tmp_path / "a-file" / "scores.tsv",
+            f"cannot be written ({tmp_path / 'a-file'} is a file, not a folder)",
+        ),
+        "the scored file": (scored, "is the file being scored, which writing would replace"),
+    }[case]
+    result = run_script(
+        "score.py",
+        f"ckpt_path={trained['ckpt']}",
+        f"file={scored}",
+        f"output={output}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 1
+    assert (
+        f"output={output} {reason}: give output a file path in a folder you can write, or leave it out"
+        in result.stdout
+    ), result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert scored.read_text() == "the cat sat\n" and (tmp_path / "a-file").read_text() == "kept"
+
+
+def scored(trained: dict) -> list[str]:
+    """score.py's options for the trained model's test text, to run in this process (app_config)."""
+    return [f"ckpt_path={trained['ckpt']}", f"file={trained['text'] / 'test.txt'}"]
+
+
+def test_score_refuses_an_unwritable_output_before_scoring(trained, tmp_path, monkeypatch):
+    out = tmp_path / "read-only" / "scores.tsv"
+    out.parent.mkdir()
+    # What a user without write permission sees there (root writes through chmod: no such folder for it).
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != out.parent and real_access(path, mode))
+    monkeypatch.setattr("score.load_model", lambda *args: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError) as error:
+        score(app_config("score", tmp_path / "run", *scored(trained), f"output={out}"))
+    assert str(error.value) == (
+        f"output={out} cannot be written ({out.parent} is not writable): give output a file path in a "
+        "folder you can write, or leave it out (the run folder)."
+    )
+
+
+def test_a_failed_write_is_one_line_and_keeps_the_earlier_scores(trained, tmp_path, monkeypatch):
+    out = tmp_path / "scores" / "scores.tsv"
+    out.parent.mkdir()
+    out.write_text("earlier scores")
+    real_write = Path.write_text
+
+    def disk_fills(path: Path, text: str, *args, **kwargs):  # mid-write, next to the output only
+        if path.parent != out.parent:
+            return real_write(path, text, *args, **kwargs)
+        real_write(path, text[:10], *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", disk_fills)
+    with pytest.raises(UserError) as error:
+        score(app_config("score", tmp_path / "run", *scored(trained), f"output={out}"))
+    assert str(error.value).startswith(f"output={out} cannot be written (No space left on device): ")
+    assert out.read_text() == "earlier scores" and list(out.parent.iterdir()) == [out]
 
 
 def test_score_refuses_an_empty_file_and_writes_nothing(trained, tmp_path):

@@ -17,7 +17,8 @@ def sample(
 ) -> torch.Tensor:
     """(num_samples, num_words) token ids following the `prompt` ids, all samples in one batch.
 
-    `temperature` 0 takes the most likely token (greedy); `top_k` samples among the k likeliest.
+    `temperature` 0 takes the most likely token (greedy), a very large one samples uniformly;
+    `top_k` samples among the k likeliest (all of them when k is 0, None or above the vocabulary).
     """
     x = prompt.view(1, -1).expand(num_samples, -1)
     state, words = None, []
@@ -27,10 +28,12 @@ def sample(
         if temperature == 0:
             x = logits.argmax(dim=-1, keepdim=True)
         else:
+            # Scaled before the tokens outside the top k are masked: a temperature beyond float32's
+            # range scales every logit to 0 (uniform sampling), where -inf / inf would be NaN.
+            scaled = logits / temperature
             if top_k:
                 kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -torch.inf)
-            probs = torch.softmax(logits / temperature, dim=-1)
-            x = torch.multinomial(probs, 1, generator=generator)
+                scaled = scaled.masked_fill(logits < kth, -torch.inf)
+            x = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator)
         words.append(x)
     return torch.cat(words, dim=1) if words else prompt.new_zeros(num_samples, 0)

@@ -29,7 +29,9 @@ def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> TrainedMod
         checkpoint = read_checkpoint(path, "ckpt_path")  # refuses, in one line, what could run code
         net = build_network(network_node(checkpoint), checkpoint["hyper_parameters"]["vocab_size"])
         state = checkpoint["state_dict"]  # the network's weights are "net.*" (NT-ASGD: the average)
-        net.load_state_dict({key.removeprefix("net."): state[key] for key in state if key.startswith("net.")})
+        weights = {key: value for key, value in state.items() if key.startswith("net.")}
+        _refuse_non_finite(weights, path)
+        net.load_state_dict({key.removeprefix("net."): value for key, value in weights.items()})
         if "vocabulary" not in checkpoint:
             raise UserError(
                 f"ckpt_path={path} holds no vocabulary: it was trained without a corpus that has one, "
@@ -44,6 +46,19 @@ def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> TrainedMod
             f"{error}). It may be truncated or damaged; use another one, such as the run's last.ckpt."
         ) from error
     return TrainedModel(net.to(device).eval(), vocabulary)
+
+
+def _refuse_non_finite(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights that hold a NaN or an infinity: every sample and score would be NaN, or
+    torch.multinomial would stop with a traceback. train.py saves none (docs/troubleshooting.md,
+    Divergence), so such a file was saved by something else, or altered."""
+    bad = [key for key, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
+    if bad:
+        others = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UserError(
+            f"ckpt_path={path} holds weights that are not finite (NaN or inf in {bad[0]}{others}): use "
+            "a checkpoint saved before they went bad, such as the run's best_checkpoint in metrics.json."
+        )
 
 
 def pick_device(name: str) -> torch.device:

@@ -4,7 +4,7 @@ describes; the adaptations' are declared beside their code (dynamic_eval.py, cac
 from dataclasses import dataclass
 from typing import Literal
 
-from lm.options import Rule, at_least, option
+from lm.options import Rule, at_least, between, option
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,13 @@ class SamplingOptions:
     num_samples: int = option(1, at_least(1))
     """Continuations, sampled together in one batch."""
     temperature: float = option(1.0, Rule(lambda t: t == 0 or t >= 1e-3, ": 0 (greedy) or at least 0.001"))
-    """0 takes the likeliest token each time (greedy); above 1 flattens the distribution."""
+    """0 takes the likeliest token each time (greedy); above 1 flattens the distribution, up to
+    uniform sampling (among the top_k) for a very large one. inf is refused, as any non-finite number."""
     top_k: int | None = option(None, at_least(0))
-    """Sample among the k likeliest tokens only; null or 0: all."""
-    seed: int = option(1, at_least(0))
-    """The same seed and device give the same text."""
+    """Sample among the k likeliest tokens only; null, 0 or more than the vocabulary: all."""
+    seed: int = option(1, between(0, 2**32 - 1))
+    """The same seed and device give the same text. The range of train.py's seed (Lightning's
+    seed_everything, NumPy's); torch's generator alone would take up to 2**64 - 1."""
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,15 @@ def text_ids(text: str, vocabulary: Vocabulary) -> tuple[torch.Tensor, list[str]
     return vocabulary.encode(tokens), vocabulary.unknown(tokens)
 
 
+def perplexity(nll: float, targets: int) -> float:
+    """exp(nll / targets); inf beyond a float's range (exp(709.8)), where math.exp would raise: weights
+    that are finite but huge, or an adaptation that diverged, give such a perplexity."""
+    try:
+        return math.exp(nll / targets)
+    except OverflowError:
+        return math.inf
+
+
 @dataclass
 class Scores:
     """Every target's natural-log probability (float64) and whether it was the likeliest token."""
@@ -45,7 +54,7 @@ class Scores:
     likeliest: torch.Tensor
 
     def perplexity(self) -> float:
-        return math.exp(-self.log_probs.sum().item() / len(self.log_probs))
+        return perplexity(-self.log_probs.sum().item(), len(self.log_probs))
 
     def accuracy(self) -> float:
         return self.likeliest.double().mean().item()
