@@ -43,6 +43,7 @@ def between(low: float, high: float) -> Rule:
 
 
 FRACTION = Rule(lambda value: 0 <= value < 1, " in [0, 1)")  # a dropout probability
+SEED = between(0, 2**32 - 1)  # what Lightning's seed_everything (and NumPy) take
 
 
 def option(default: Any, rule: Rule | None = None, key: str | None = None) -> Any:

@@ -4,7 +4,7 @@ describes; the adaptations' are declared beside their code (dynamic_eval.py, cac
 from dataclasses import dataclass
 from typing import Literal
 
-from lm.options import Rule, at_least, between, option
+from lm.options import SEED, Rule, at_least, option
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class SamplingOptions:
     uniform sampling (among the top_k) for a very large one. inf is refused, as any non-finite number."""
     top_k: int | None = option(None, at_least(0))
     """Sample among the k likeliest tokens only; null, 0 or more than the vocabulary: all."""
-    seed: int = option(1, between(0, 2**32 - 1))
+    seed: int = option(1, SEED)
     """The same seed and device give the same text. The range of train.py's seed (Lightning's
     seed_everything, NumPy's); torch's generator alone would take up to 2**64 - 1."""
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lm.data.options import DataOptions
 from lm.models.network import network_problems
-from lm.options import above, argument_problems, at_least, between, defaults, option, problems, refuse
+from lm.options import SEED, above, argument_problems, at_least, defaults, option, problems, refuse
 from lm.training.trainer import check_precision, trainer_problems
 
 
@@ -46,7 +46,7 @@ class TrainingOptions:
 class RunOptions:
     """train.py's top-level keys."""
 
-    seed: int = option(1, between(0, 2**32 - 1))
+    seed: int = option(1, SEED)
     """Seeds Python, NumPy and torch: the same seed gives the same numbers on the same machine."""
     resume: str | None = option(None)
     """A run folder (or one of its checkpoints/*.ckpt) to continue, in that folder."""
