@@ -11,7 +11,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lm.data.datamodule import PTBDataModule
 from lm.errors import UserError
 from lm.training.run_folder import prepare_run_folder
-from lm.training.safe_stop import TrainingCheckpoint
 from tests.conftest import (
     TINY_RUN,
     language_model,
@@ -176,25 +175,6 @@ def test_of_two_runs_started_in_one_folder_the_second_stops(tmp_path):
     assert prepare_run_folder(cfg, tmp_path) is None  # claims it: checkpoints/ did not exist
     with pytest.raises(UserError, match=f"{tmp_path} already holds an empty checkpoints/ folder"):
         prepare_run_folder(cfg, tmp_path)
-
-
-def test_last_ckpt_is_replaced_whole_or_not_at_all(tiny_corpus, tmp_path, monkeypatch):
-    datamodule = PTBDataModule(
-        dir=tiny_corpus, cache_dir=tmp_path / "cache", url="file:///nowhere", batch_size=4
-    )
-    checkpoints = TrainingCheckpoint(tmp_path / "checkpoints")
-    trainer = quiet_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[checkpoints])
-    trainer.fit(language_model(datamodule.vocab_size, hidden_size=8), datamodule=datamodule)
-    good = checkpoints.last_path.read_bytes()
-
-    def killed_while_saving(path, *args, **kwargs):
-        Path(path).write_bytes(good[: len(good) // 2])
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(trainer, "save_checkpoint", killed_while_saving)
-    with pytest.raises(OSError):
-        checkpoints._save_last(trainer)
-    assert checkpoints.last_path.read_bytes() == good
 
 
 def test_evaluation_sums_are_not_saved_and_start_from_zero(tiny_corpus, tmp_path):
