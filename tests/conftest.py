@@ -123,23 +123,33 @@ TINY_RUN = [
 
 
 def run_train(
-    *overrides: str, cwd: Path = PROJECT_ROOT, env: dict | None = None, gpu: bool = False
+    *overrides: str,
+    cwd: Path = PROJECT_ROOT,
+    env: dict | None = None,
+    gpu: bool = False,
+    prefix: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """`python train.py` as a user runs it, in a subprocess; its log is in `.stdout`."""
-    return run_script("train.py", *overrides, cwd=cwd, env=env, gpu=gpu)
+    return run_script("train.py", *overrides, cwd=cwd, env=env, gpu=gpu, prefix=prefix)
 
 
 def run_script(
-    script: str, *overrides: str, cwd: Path = PROJECT_ROOT, env: dict | None = None, gpu: bool = False
+    script: str,
+    *overrides: str,
+    cwd: Path = PROJECT_ROOT,
+    env: dict | None = None,
+    gpu: bool = False,
+    prefix: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """`python <script>` (train.py, evaluate.py, ...) in a subprocess, on the CPU as in CI unless
-    `gpu` (tests/test_gpu.py); `env` replaces the environment."""
+    `gpu` (tests/test_gpu.py); `env` replaces the environment; `prefix` is a command that runs it
+    (one that limits it, say)."""
     # CPU only, as CI: the same numbers on any machine, and the no-GPU error path is real.
     env = {**(env or os.environ), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / script), *overrides],
+        [*prefix, sys.executable, str(PROJECT_ROOT / script), *overrides],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -71,20 +71,6 @@ def test_evaluate_refuses_data_whose_vocabulary_the_model_does_not_have(trained,
     )
 
 
-def test_a_damaged_checkpoint_is_a_clear_error(trained, tmp_path):
-    damaged = tmp_path / "damaged.ckpt"
-    damaged.write_bytes(Path(trained["ckpt"]).read_bytes()[:1000])
-    result = run_script(
-        "score.py",
-        f"ckpt_path={damaged}",
-        f"file={trained['text'] / 'test.txt'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    )
-    assert result.returncode == 1
-    assert f"ckpt_path={damaged} cannot be read as a checkpoint of this project" in result.stdout
-    assert "Traceback" not in result.stdout + result.stderr
-
-
 @pytest.mark.parametrize(
     ("script", "overrides", "lines"),
     [

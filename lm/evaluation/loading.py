@@ -1,6 +1,7 @@
 """A trained model back from its checkpoint: its network and vocabulary, or one clear error. The one
 module of lm/evaluation that reads a checkpoint (what one holds is lm/training/checkpoint.py's)."""
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from lm.data.vocabulary import Vocabulary
 from lm.errors import UserError
 from lm.models.network import Network, build_network
 from lm.training.checkpoint import network_node, read_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,7 +29,7 @@ def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> TrainedMod
     if not path.is_file():
         raise UserError(f"ckpt_path={path} is not a file; give a .ckpt from a run's checkpoints/ folder.")
     try:
-        checkpoint = read_checkpoint(path, "ckpt_path")  # refuses, in one line, what could run code
+        checkpoint = read_checkpoint(path, "ckpt_path")  # refuses, in one line, a damaged or unsafe file
         net = build_network(network_node(checkpoint), checkpoint["hyper_parameters"]["vocab_size"])
         state = checkpoint["state_dict"]  # the network's weights are "net.*" (NT-ASGD: the average)
         weights = {key: value for key, value in state.items() if key.startswith("net.")}
@@ -40,11 +43,12 @@ def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> TrainedMod
         vocabulary = Vocabulary.from_state_dict(checkpoint["vocabulary"])
     except UserError:
         raise
-    except Exception as error:  # truncated, damaged, or not a checkpoint of this project
+    except Exception as error:  # whole, but not a checkpoint of this project (torch's detail: the log)
+        log.debug("%s is no checkpoint of this project", path, exc_info=error)
         raise UserError(
-            f"ckpt_path={path} cannot be read as a checkpoint of this project ({type(error).__name__}: "
-            f"{error}). It may be truncated or damaged; use another one, such as the run's last.ckpt."
-        ) from error
+            f"ckpt_path={path} cannot be read as a checkpoint of this project ({type(error).__name__}); "
+            "give a .ckpt that train.py wrote, from a run's checkpoints/ folder."
+        ) from None
     return TrainedModel(net.to(device).eval(), vocabulary)
 
 

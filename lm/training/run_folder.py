@@ -268,15 +268,7 @@ def _requeued(cfg: DictConfig, run_dir: Path) -> bool:
 
 
 def _check_same_config(cfg: DictConfig, checkpoint: Path) -> None:
-    try:
-        saved = read_checkpoint(checkpoint, "resume").get("run_config")
-    except UserError:
-        raise
-    except Exception as error:
-        raise UserError(
-            f"resume: {checkpoint} cannot be read ({type(error).__name__}: {error}); it may be truncated. "
-            "Resume from another checkpoint of the run (resume=<run folder>/checkpoints/<file>.ckpt)."
-        ) from error
+    saved = read_checkpoint(checkpoint, "resume").get("run_config")  # refuses a damaged one in one line
     if saved is None:
         return  # not written by train.py (a module fitted by hand): no configuration to compare
     now, then = dotted(OmegaConf.to_container(cfg, resolve=True)), dotted(run_config_now(saved))

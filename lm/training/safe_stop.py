@@ -9,8 +9,8 @@ written at a safe point only, where everything it holds agrees:
   done, and the learning rate of the next epoch follows from the epoch counter alone
   (lm/training/module.py).
 Never inside a signal handler, never during validation or the test. `last.ckpt` is rewritten at
-every epoch end and at every stop, through a temporary file in the same folder and a rename, so
-that no kill leaves it truncated.
+every epoch end and at every stop, through a temporary file in the same folder and a rename
+(lm/training/checkpoint_io.py), so that no kill leaves it truncated.
 """
 
 import logging
@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing import ProcessRaisedException
 
 from lm.training.checkpoint import random_state, restore_random_state
+from lm.training.checkpoint_io import PARTIAL_PATTERN
 from lm.training.lightning_private import step_is_followed_by_more_than_a_step, write_step_logs
 from lm.training.trainer import is_logging_step, recover_state_after_spawn, slurm_job
 
@@ -149,7 +150,7 @@ class TrainingCheckpoint(Checkpoint):
             trainer.callback_metrics.update(self._validation_metrics)
             self._validation_metrics = {}
         if trainer.is_global_zero:  # what a killed save left behind
-            for partial in self.dirpath.glob(".last.ckpt.partial-*"):
+            for partial in self.dirpath.glob(PARTIAL_PATTERN):
                 partial.unlink()
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -213,15 +214,9 @@ class TrainingCheckpoint(Checkpoint):
         return f"; requeued SLURM job {job}"
 
     def _save_last(self, trainer: L.Trainer) -> None:
-        """`trainer.save_checkpoint` on every rank (it gathers), written by rank 0 to a temporary file
-        beside `last.ckpt` and renamed: a rename within one folder is atomic, a copy across
-        filesystems (Lightning's own write) is not."""
-        partial = self.dirpath / f".last.ckpt.partial-{os.getpid()}"
-        trainer.save_checkpoint(partial)
-        if trainer.is_global_zero:
-            with open(partial, "rb") as file:
-                os.fsync(file.fileno())
-            os.replace(partial, self.last_path)
+        """`trainer.save_checkpoint` on every rank (it gathers); rank 0 writes it, to a temporary file
+        beside `last.ckpt`, synced and renamed (the Trainer's WholeCheckpointIO), and the others wait."""
+        trainer.save_checkpoint(self.last_path)
         trainer.strategy.barrier("last.ckpt")
 
     # --- the last validation's values, the random generators and the run's wall time --------------

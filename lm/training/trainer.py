@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from lm.errors import Unsupported, UserError
 from lm.options import refusal
 from lm.training.checkpoint import read_checkpoint
+from lm.training.checkpoint_io import WholeCheckpointIO
 from lm.training.lightning_private import relaunches_the_command_line
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,11 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list[Callback] = (), **obj
     `trainer.enable_progress_bar=false` drops the configured bar, which Lightning would refuse, and
     `trainer.enable_model_summary=false` the configured summary, which Lightning would keep. A
     configured summary stands in for Lightning's own, without its note that it does on every run.
+    Checkpoints are written whole or not at all and read only when intact (WholeCheckpointIO).
     """
     arguments = trainer_arguments(trainer_cfg)
+    plugins = arguments.get("plugins") or []
+    arguments["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), WholeCheckpointIO()]
     if arguments.get("enable_progress_bar") is False:
         callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
     if arguments.get("enable_model_summary") is False:
