@@ -11,7 +11,6 @@ perplexity so that Hydra sweepers can minimise it.
 
 import logging
 import math
-import shlex
 import signal
 import sys
 import time
@@ -31,7 +30,7 @@ from lm.allocator import keep_freed_memory
 from lm.errors import exit_on_user_error, user_error_in
 from lm.json_output import json_text
 from lm.options import dotted, is_setting
-from lm.training.continuation import continue_commands, finished_sweep_run
+from lm.training.continuation import continue_commands, finished_sweep_run, shell_word
 from lm.training.module import Diverged
 from lm.training.options import check_command
 from lm.training.run_folder import prepare_run_folder
@@ -143,15 +142,7 @@ def train(cfg: DictConfig) -> dict:
 def _print_continue_commands(run_dir: Path) -> None:
     """The commands that go on, each on its line as it runs when pasted into a shell."""
     for what, arguments in continue_commands(run_dir):
-        log.warning("%s: python train.py %s", what, " ".join(map(_shell_word, arguments)))
-
-
-def _shell_word(argument: str) -> str:
-    """`argument` quoted for a POSIX shell; in double quotes where that reads better than shlex's
-    quoting of the single quotes Hydra needs (resume='...=...,...')."""
-    if shlex.quote(argument) == argument:
-        return argument
-    return f'"{argument}"' if not set(argument) & set('"$`\\!') else shlex.quote(argument)
+        log.warning("%s: python train.py %s", what, " ".join(map(shell_word, arguments)))
 
 
 def hyperparameters(cfg: DictConfig) -> dict:

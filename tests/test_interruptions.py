@@ -126,7 +126,7 @@ def stop_and_resume(corpora, name: str, run: Path, signal_args: list[str], env: 
     assert "Stopped by SIG" in stopped.stdout, stopped.stdout
     assert not (run / "metrics.json").exists()
     command = shlex.split(stopped.stdout.split("Continue with: python train.py ")[1].splitlines()[0])
-    assert command[-1] == f"resume='{run}'"  # quoted for Hydra, whose grammar reads "," and "="
+    assert command[-1] == f"resume={run}"
     resumed = run_train(*command, env=env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     return stopped, resumed

@@ -20,6 +20,7 @@ from torch.utils.serialization import config as serialization_config
 
 from lm.errors import UserError
 from lm.training.checkpoint import read_checkpoint
+from lm.training.continuation import resume_argument
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,10 @@ def _not_written(path: Path, error: OSError) -> UserError:
     if last_good is None:
         kept, then = "no checkpoint had been saved there yet", "start the run again with overwrite=true"
     else:
-        kept, then = f"the last good checkpoint, {last_good}, is intact", f"go on with resume={folder.parent}"
+        kept, then = (
+            f"the last good checkpoint, {last_good}, is intact",
+            f"go on with {resume_argument(folder.parent)}",
+        )
     return UserError(
         f"{folder} could not take {path.name} ({error.strerror or error}): nothing of it was left there, "
         f"and {kept}. Free space there (or make it writable), then {then}."

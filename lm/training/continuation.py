@@ -5,6 +5,7 @@
 import json
 import logging
 import re
+import shlex
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -43,7 +44,22 @@ def continue_commands(run_dir: Path) -> list[tuple[str, list[str]]]:
 
 
 def hydra_quoted(value: str) -> str:
-    """`value` as one quoted Hydra value: its grammar escapes a quote, and the backslashes that come
-    before a quote or the closing one."""
+    """`value` as one Hydra value: as it is where the grammar reads it so, else quoted (the grammar
+    escapes a quote, and the backslashes that come before a quote or the closing one)."""
+    if re.fullmatch(r"[\w/.~+:@%-]+", value):
+        return value
     escaped = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value)
     return f"'{escaped}'"
+
+
+def resume_argument(run_dir: Path) -> str:
+    """`resume=<run_dir>` as one word of a shell command, that Hydra reads back as the path."""
+    return shell_word(f"resume={hydra_quoted(str(run_dir))}")
+
+
+def shell_word(argument: str) -> str:
+    """`argument` quoted for a POSIX shell; in double quotes where that reads better than shlex's
+    quoting of the single quotes Hydra needs (resume='...=...,...')."""
+    if shlex.quote(argument) == argument:
+        return argument
+    return f'"{argument}"' if not set(argument) & set('"$`\\!') else shlex.quote(argument)

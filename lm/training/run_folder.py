@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from lm.errors import UserError, exit_on_user_error
 from lm.options import dotted, is_setting
 from lm.training.checkpoint import read_checkpoint, run_config_now
+from lm.training.continuation import resume_argument
 from lm.training.trainer import slurm_job
 
 log = logging.getLogger(__name__)
@@ -230,8 +231,9 @@ def _earlier_run(run_dir: Path) -> UserError:
     checkpoints = run_dir / "checkpoints"
     if (checkpoints / "last.ckpt").is_file():
         return UserError(
-            f"{run_dir} already holds the checkpoints of an earlier run. Resume it with resume={run_dir}, "
-            "start a new run in another hydra.run.dir, or add overwrite=true to delete it first."
+            f"{run_dir} already holds the checkpoints of an earlier run. Resume it with "
+            f"{resume_argument(run_dir)}, start a new run in another hydra.run.dir, or add overwrite=true "
+            "to delete it first."
         )
     files = any(checkpoints.iterdir())
     what = "a checkpoints/ folder without last.ckpt" if files else "an empty checkpoints/ folder"
