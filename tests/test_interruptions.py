@@ -160,14 +160,19 @@ def test_a_signal_stops_at_a_safe_point_and_the_run_resumes_exactly(
 
 
 def test_ctrl_c_stops_at_a_safe_point_like_sigterm_and_the_run_resumes_exactly(corpora, references, tmp_path):
+    """And metrics.json's wall_seconds counts both processes: at least the span of each one's log (the
+    first one's to its stop). The stop comes late, so the last process alone is far less."""
     run = tmp_path / "run"
-    stopped, _ = stop_and_resume(
-        corpora, "plain", run, signal_at(tmp_path / "fired", "step", "SIGINT", step=STEPS + 37)
+    stopped, resumed = stop_and_resume(
+        corpora, "plain", run, signal_at(tmp_path / "fired", "step", "SIGINT", step=3 * STEPS - 10)
     )
-    assert f"Stopped by SIGINT at step {STEPS + 37} (epoch 2)" in stopped.stdout
+    assert f"Stopped by SIGINT at step {3 * STEPS - 10} (epoch 3)" in stopped.stdout
     assert "press Ctrl-C again to stop at once" in stopped.stderr
     assert "Traceback" not in stopped.stdout + stopped.stderr
     assert_same_run(run, references("plain"))
+    spans = [logged_seconds(process.stdout) for process in (stopped, resumed)]
+    assert spans[0] > 2 * spans[1] - 1  # the first process did most of the work
+    assert json.loads((run / "metrics.json").read_text())["wall_seconds"] >= sum(spans) - 0.2
 
 
 def test_a_second_ctrl_c_stops_at_once_and_the_run_resumes_from_its_last_checkpoint(
@@ -185,18 +190,6 @@ def test_a_second_ctrl_c_stops_at_once_and_the_run_resumes_from_its_last_checkpo
     resumed = run_train(*command)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_same_run(run, references("plain"))
-
-
-def test_wall_seconds_count_every_process_of_a_resumed_run(corpora, references, tmp_path):
-    """metrics.json's wall_seconds is at least the span of each process's log (the first one's to its
-    stop); the last process's alone is far less, as the stop comes late in the run."""
-    run = tmp_path / "run"
-    stopped, resumed = stop_and_resume(
-        corpora, "plain", run, signal_at(tmp_path / "fired", "step", step=3 * STEPS - 10)
-    )
-    spans = [logged_seconds(process.stdout) for process in (stopped, resumed)]
-    assert spans[0] > 2 * spans[1] - 1  # the first process did most of the work
-    assert json.loads((run / "metrics.json").read_text())["wall_seconds"] >= sum(spans) - 0.2
 
 
 def logged_seconds(log: str) -> float:

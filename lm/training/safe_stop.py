@@ -15,6 +15,7 @@ every epoch end and at every stop, through a temporary file in the same folder a
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing import ProcessRaisedException
 
+from lm.errors import UserError
 from lm.training.checkpoint import random_state, restore_random_state
 from lm.training.checkpoint_io import PARTIAL_PATTERN
 from lm.training.lightning_private import step_is_followed_by_more_than_a_step, write_step_logs
@@ -59,10 +61,14 @@ def fit_until_stopped(
     except SIGTERMException as stop:  # Lightning's own, for a SIGTERM in the moment before training began
         return str(stop) or f"SIGTERM at step {trainer.global_step}, before training began: nothing saved"
     except ProcessRaisedException as error:  # ddp_spawn: a worker's exception, as its traceback
+        text = str(error)
         marker = f"{Stopped.__module__}.Stopped: "
-        if marker not in str(error):
-            raise
-        return str(error).split(marker)[1].splitlines()[0]
+        if marker in text:
+            return text.split(marker)[1].splitlines()[0]
+        mistake = re.search(rf"^{re.escape(UserError.__module__)}\.\w+: (.*)", text, re.MULTILINE | re.DOTALL)
+        if mistake:  # one the user can fix (a full disk): its own lines, as with one process
+            raise UserError(mistake[1].strip()) from None
+        raise
     except SystemExit:  # how Lightning ends on a KeyboardInterrupt (lightning/pytorch/trainer/call.py)
         checkpointing = next((c for c in trainer.callbacks if isinstance(c, TrainingCheckpoint)), None)
         if checkpointing is None or not checkpointing.interrupted:
@@ -216,7 +222,7 @@ class TrainingCheckpoint(Checkpoint):
     def _save_last(self, trainer: L.Trainer) -> None:
         """`trainer.save_checkpoint` on every rank (it gathers); rank 0 writes it, to a temporary file
         beside `last.ckpt`, synced and renamed (the Trainer's WholeCheckpointIO), and the others wait."""
-        trainer.save_checkpoint(self.last_path)
+        trainer.save_checkpoint(self.last_path, weights_only=False)  # all of it (Lightning logs the default)
         trainer.strategy.barrier("last.ckpt")
 
     # --- the last validation's values, the random generators and the run's wall time --------------
