@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lm.errors import UserError
+from lm.writable import why_unwritable
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,10 @@ def write_json(obj: object, path: Path) -> None:
 
 
 def check_writable(cache_dir: Path) -> None:
-    """The nearest folder of `cache_dir` that exists must take new files; nothing is created yet."""
-    existing = cache_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise cache_error(cache_dir, f"{existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise cache_error(cache_dir, f"{existing} is not writable")
+    """The cache folder must take new files; nothing is created yet."""
+    reason = why_unwritable(cache_dir)
+    if reason:
+        raise cache_error(cache_dir, reason)
 
 
 def cache_error(cache_dir: Path, reason: str | OSError) -> UserError:

@@ -11,6 +11,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from lm.errors import UserError, exit_on_user_error
+from lm.writable import why_unwritable
 
 
 class CheckRunFolder(Callback):
@@ -29,7 +30,7 @@ class CheckRunFolder(Callback):
 def check_folder(folder: Path, key: str) -> None:
     """Refuse, naming `key`, a `folder` that cannot be made or written: its nearest part that exists
     must be a folder that takes new files."""
-    reason = _unwritable(folder)
+    reason = why_unwritable(folder)
     if reason:
         raise UserError(f"{key}={folder} cannot be written ({reason}): give {key} a folder you can write.")
 
@@ -44,7 +45,7 @@ def output_file(output: str, key: str, reads: Path) -> Path:
         raise UserError(f"{key}={output} is a folder, not a file: {advice}.")
     if path.exists() and reads.exists() and path.samefile(reads):
         raise UserError(f"{key}={output} is the file being scored, which writing would replace: {advice}.")
-    reason = _unwritable(path.parent)
+    reason = why_unwritable(path.parent)
     if reason:
         raise UserError(f"{key}={output} cannot be written ({reason}): {advice}.")
     return path
@@ -65,15 +66,3 @@ def write_whole(path: Path, key: str, text: str) -> None:
             f"{key}={path} cannot be written ({error.strerror or error}): free some space, or give {key} "
             "a file path in a folder you can write."
         ) from None
-
-
-def _unwritable(folder: Path) -> str | None:
-    """Why new files cannot go into `folder` (made first if missing), or None; nothing is created."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
