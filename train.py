@@ -105,7 +105,17 @@ def train(cfg: DictConfig) -> dict:
             "No validation ran (trainer.limit_val_batches, check_val_every_n_epoch, val_check_interval or "
             "max_steps): val_ppl is null, and the test uses the last weights."
         )
-    results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+    try:
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+    except SystemExit:  # Lightning's end on a KeyboardInterrupt: a second Ctrl-C during the test
+        if not (checkpointing and checkpointing.interrupted):
+            raise
+        log.warning(
+            "Interrupted by a second Ctrl-C during the final test: training is complete and its "
+            "checkpoints are intact; test the best one with evaluate.py ckpt_path=%s",
+            best or checkpointing.last_path,
+        )
+        return {"status": "interrupted", "val_ppl": math.inf}
     test = results[0] if results else {}  # none with trainer.limit_test_batches=0
     if checkpointing and checkpointing.signal is not None:
         log.warning(

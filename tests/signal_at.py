@@ -24,7 +24,8 @@ class SignalAt(L.Callback):
     - `test`: after test batch `batch` of the final test.
 
     In a sweep, only in the run whose job number is `job`, if given; `repeat` times at once (a
-    second Ctrl-C).
+    second Ctrl-C); with `group`, to every process of its process group, as a terminal sends Ctrl-C
+    (start the run in a session of its own).
     """
 
     def __init__(
@@ -38,11 +39,12 @@ class SignalAt(L.Callback):
         rank: int = 0,
         job: int | None = None,
         repeat: int = 1,
+        group: bool = False,
     ) -> None:
         self.point, self.marker = point, Path(marker)
         self.signum = signal.Signals[signal_name]
         self.step, self.epoch, self.batch, self.rank = step, epoch, batch, rank
-        self.job, self.repeat = job, repeat
+        self.job, self.repeat, self.group = job, repeat, group
 
     def _fire(self, trainer: L.Trainer) -> None:
         if trainer.global_rank != self.rank or self.marker.exists():
@@ -51,7 +53,10 @@ class SignalAt(L.Callback):
             return
         self.marker.write_text(f"{self.signum.name} at step {trainer.global_step}\n")
         for _ in range(self.repeat):
-            os.kill(os.getpid(), self.signum)
+            if self.group:
+                os.killpg(os.getpgid(0), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.point == "step" and trainer.global_step == self.step:

@@ -78,7 +78,7 @@ def arguments(corpora, name: str) -> list[str]:
     return [*RUN, *CONFIGURATIONS[name], *corpora[name]]
 
 
-def signal_at(marker: Path, point: str, signal_name: str = "SIGTERM", **where: int) -> list[str]:
+def signal_at(marker: Path, point: str, signal_name: str = "SIGTERM", **where: int | str) -> list[str]:
     chosen = [f"+callbacks.signal_at.{key}={value}" for key, value in where.items()]
     return [
         "+callbacks.signal_at._target_=tests.signal_at.SignalAt",
@@ -197,6 +197,24 @@ def logged_seconds(log: str) -> float:
     stamps = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", log, re.MULTILINE)
     first, last = (datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f") for stamp in (stamps[0], stamps[-1]))
     return (last - first).total_seconds()
+
+
+def test_ctrl_c_in_a_terminal_stops_a_ddp_spawn_run_at_a_safe_point(corpora, tmp_path):
+    """Ctrl-C reaches the launching process as well as the workers: it waits for them to save."""
+    run = tmp_path / "run"
+    spawn = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn"]
+    ctrl_c = [
+        *signal_at(tmp_path / "fired", "step", "SIGINT", step=STEPS + 20),
+        "+callbacks.signal_at.group=true",
+    ]
+    stopped = run_train(
+        *arguments(corpora, "plain"), *spawn, *ctrl_c, f"hydra.run.dir={run}", prefix=("setsid",)
+    )
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert f"Stopped by SIGINT at step {STEPS + 20} (epoch 2): saved" in stopped.stdout
+    assert "Continue with: python train.py" in stopped.stdout and "Traceback" not in stopped.stderr
+    saved = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == STEPS + 20
 
 
 def test_sigusr1_off_slurm_stops_like_sigterm(corpora, references, tmp_path):

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from lm.training.continuation import resume_argument
 from tests.conftest import TINY_RUN, compose_config, run_train, write_tiny_corpus
 
 SCALAR_GROUPS = ("train/", "val/", "test/", "throughput/", "hparams/")
@@ -220,3 +221,20 @@ def test_continue_sweep_outside_a_sweep_is_refused_in_one_line(tmp_path):
     assert result.returncode == 1
     assert "continue_sweep=true goes on with an interrupted sweep: give it with -m" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/runs/1_model.net.dropout=0.3,seed=2",
+        "/runs/it's",
+        "/home/josé/run",
+        "~/run",
+        "/runs/null",
+        "/a/b-c_d",
+    ],
+)
+def test_a_printed_resume_argument_reads_back_as_its_path(path):
+    """What a stop prints for resume= is one shell word that Hydra's own parser reads back as the path."""
+    (argument,) = shlex.split(resume_argument(Path(path)))
+    assert OverridesParser.create().parse_override(argument).value() == path

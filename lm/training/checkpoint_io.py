@@ -54,12 +54,13 @@ class WholeCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(partial, path)
-        except (OSError, RuntimeError) as error:
-            disk_error = _os_error(error)
-            if disk_error is None:  # torch could not serialise something: not the disk's doing
-                raise
+            _sync_folder(path.parent)  # the rename itself survives a power loss
+        except BaseException as error:  # a full disk, or a kill or Ctrl-C mid-write: no partial file stays
             with contextlib.suppress(OSError):
                 partial.unlink(missing_ok=True)
+            disk_error = _os_error(error) if isinstance(error, OSError | RuntimeError) else None
+            if disk_error is None:  # torch could not serialise something, or an interruption
+                raise
             log.debug("writing %s failed", path, exc_info=error)
             raise _not_written(path, disk_error) from None
 
@@ -75,9 +76,24 @@ def _os_error(error: BaseException | None) -> OSError | None:
     return error
 
 
+def _sync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _not_written(path: Path, error: OSError) -> UserError:
     """One line: the folder, why, that the checkpoints already there are untouched, and what to do."""
     folder = path.parent
+    if folder.name != "checkpoints":  # ddp_spawn's launcher gets the trained weights through $TMPDIR
+        return UserError(
+            f"{folder} could not take {path.name} ({error.strerror or error}), the trained weights handed "
+            "from the workers to the launching process: nothing of it was left there, and the run's "
+            "checkpoints are intact. Free space there (or point TMPDIR at a folder with room), then go on "
+            "with resume=<the run folder>."
+        )
     saved = [checkpoint for checkpoint in folder.glob("*.ckpt") if checkpoint.is_file()]
     last_good = max(saved, key=lambda checkpoint: checkpoint.stat().st_mtime, default=None)
     if last_good is None:

@@ -9,6 +9,8 @@ import shlex
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -44,10 +46,13 @@ def continue_commands(run_dir: Path) -> list[tuple[str, list[str]]]:
 
 
 def hydra_quoted(value: str) -> str:
-    """`value` as one Hydra value: as it is where the grammar reads it so, else quoted (the grammar
-    escapes a quote, and the backslashes that come before a quote or the closing one)."""
-    if re.fullmatch(r"[\w/.~+:@%-]+", value):
-        return value
+    """`value` as one Hydra value: as it is where Hydra's grammar reads it back so, else quoted (the
+    grammar escapes a quote, and the backslashes that come before a quote or the closing one)."""
+    try:
+        if OverridesParser.create().parse_override(f"key={value}").value() == value:
+            return value
+    except HydraException:  # "=", ",", a space, a letter outside ASCII, "~", ...
+        pass
     escaped = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value)
     return f"'{escaped}'"
 

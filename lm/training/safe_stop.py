@@ -52,8 +52,32 @@ def fit_until_stopped(
     trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Path | None
 ) -> str | None:
     """Train (from `ckpt_path` when resuming): None when training ran to its end, else the reason a
-    signal stopped it. Under ddp_spawn a worker's Stopped arrives as its traceback's text, and what
-    the workers knew that the launcher does not return is read back from last.ckpt."""
+    signal stopped it. The signal handlers are installed in this process from the start: ddp_spawn's
+    launcher runs no hook, and a Ctrl-C reaches it as it reaches the workers. They are removed here
+    when training stops early; otherwise they stay until the final test ends."""
+    checkpointing = next((c for c in trainer.callbacks if isinstance(c, TrainingCheckpoint)), None)
+    if checkpointing is not None:
+        checkpointing._install()
+    try:
+        stopped = _fit(trainer, model, datamodule, ckpt_path, checkpointing)
+    except BaseException:
+        if checkpointing is not None:
+            checkpointing._uninstall()
+        raise
+    if stopped and checkpointing is not None:
+        checkpointing._uninstall()
+    return stopped
+
+
+def _fit(
+    trainer: L.Trainer,
+    model: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    ckpt_path: Path | None,
+    checkpointing: "TrainingCheckpoint | None",
+) -> str | None:
+    """Under ddp_spawn a worker's Stopped arrives as its traceback's text, and what the workers knew
+    that the launcher does not return is read back from last.ckpt."""
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except Stopped as stop:
@@ -70,14 +94,10 @@ def fit_until_stopped(
             raise UserError(mistake[1].strip()) from None
         raise
     except SystemExit:  # how Lightning ends on a KeyboardInterrupt (lightning/pytorch/trainer/call.py)
-        checkpointing = next((c for c in trainer.callbacks if isinstance(c, TrainingCheckpoint)), None)
         if checkpointing is None or not checkpointing.interrupted:
             raise
-        last = checkpointing.last_path
-        saved = f"{last} holds the run as it was then" if last.is_file() else "nothing was saved yet"
         raise Interrupted(
-            f"a second Ctrl-C at step {trainer.global_step}: stopped at once, the steps since the last "
-            f"checkpoint are lost; {saved}"
+            f"a second Ctrl-C at step {trainer.global_step}: {checkpointing.unsaved()}"
         ) from None
     recover_state_after_spawn(trainer)
     return None
@@ -97,7 +117,7 @@ class TrainingCheckpoint(Checkpoint):
         self.dirpath = Path(dirpath)
         self.requeue_command = requeue_command
         self.signal: int | None = None  # the first stop signal received, by any stage
-        self.interrupted = False  # a second Ctrl-C stopped training at once
+        self.interrupted = False  # a second Ctrl-C: the handler stopped training at once
         self._announce = True  # the first Ctrl-C says what happens next (rank 0 only)
         # The run's wall time: this process's (from here: train.py builds the callbacks first) and
         # that of the processes it resumes, counted to their last checkpoint.
@@ -110,6 +130,14 @@ class TrainingCheckpoint(Checkpoint):
     def last_path(self) -> Path:
         return self.dirpath / "last.ckpt"
 
+    def unsaved(self) -> str:
+        """What a stop at once left: the steps since last.ckpt, if there is one."""
+        if self.last_path.is_file():
+            return (
+                f"stopped at once, the steps since the last checkpoint are lost; {self.last_path} is intact"
+            )
+        return "stopped at once, before anything was saved"
+
     @property
     def wall_seconds(self) -> float:
         """Seconds this run has taken, over every process that trained it."""
@@ -118,7 +146,8 @@ class TrainingCheckpoint(Checkpoint):
     # --- signals: a flag, nothing else -------------------------------------------------------------
     def _note(self, signum: int, frame: object) -> None:
         if signum == signal.SIGINT and self.signal is not None:
-            raise KeyboardInterrupt  # a second Ctrl-C, or one after another signal: stop at once
+            self.interrupted = True  # a second Ctrl-C, or one after another signal: stop at once
+            raise KeyboardInterrupt
         if self.signal is None:
             self.signal = signum
         if signum == signal.SIGINT and self._announce:  # no logging in a handler: its lock may be held
@@ -165,9 +194,6 @@ class TrainingCheckpoint(Checkpoint):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "test":  # train.py's last stage
             self._uninstall()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException):
-        self.interrupted = isinstance(exception, KeyboardInterrupt)
 
     # --- the safe points ------------------------------------------------------------------------
     def on_train_batch_end(
