@@ -52,6 +52,18 @@ from tests.test_config_checks import refused
             "logger.default_hp_metric='no' is not allowed: it must be true or false.",
         ),
         (
+            "callbacks.model_checkpoint.save_last=true",
+            "callbacks.model_checkpoint.save_last=True would write last.ckpt at its own moments, over the "
+            "one written at safe points: leave it false (a stop signal or Ctrl-C saves last.ckpt at the "
+            "next safe point).",
+        ),
+        (
+            "+callbacks.model_checkpoint.save_on_exception=true",
+            "callbacks.model_checkpoint.save_on_exception=True would save wherever an exception struck, not "
+            "at a safe point: leave it false (a stop signal or Ctrl-C saves last.ckpt at the next safe "
+            "point).",
+        ),
+        (
             "trainer.log_every_n_steps=0",
             "trainer.log_every_n_steps=0 is not allowed: it must be null (50) or an integer, 1 or more.",
         ),

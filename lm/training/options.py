@@ -70,8 +70,25 @@ def check_command(cfg: DictConfig) -> None:
             *problems(RunOptions, {key: cfg[key] for key in defaults(RunOptions)}, ""),
             *trainer_problems(cfg.trainer),
             *_built_objects_problems(cfg),
+            *_unsafe_checkpoints(cfg.get("callbacks") or {}),
         ]
     )
+
+
+def _unsafe_checkpoints(callbacks: Mapping[str, Any]) -> list[str]:
+    """ModelCheckpoint's own last.ckpt, or its save on an exception, would write a checkpoint where no
+    safe point is (lm/training/safe_stop.py): last.ckpt is callbacks.training_checkpoint's."""
+    best = callbacks.get("model_checkpoint") or {}
+    why = {
+        "save_last": "would write last.ckpt at its own moments, over the one written at safe points",
+        "save_on_exception": "would save wherever an exception struck, not at a safe point",
+    }
+    return [
+        f"callbacks.model_checkpoint.{key}={best[key]!r} {reason}: leave it false (a stop signal or "
+        "Ctrl-C saves last.ckpt at the next safe point)."
+        for key, reason in why.items()
+        if best.get(key) is True or best.get(key) == "link"
+    ]
 
 
 def _built_objects_problems(cfg: DictConfig) -> list[str]:

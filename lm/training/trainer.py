@@ -265,7 +265,7 @@ def recover_state_after_spawn(trainer: L.Trainer) -> None:
     if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is not None:
         return  # trained in this process, or nothing saved
     last = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-    if not last.exists():  # callbacks.model_checkpoint.save_last=false
+    if not last.exists():  # no callbacks.training_checkpoint
         log.warning("No %s: the best score, epochs and tokens/s of this ddp_spawn run are unknown.", last)
         return
     saved = read_checkpoint(last, "checkpoints/last.ckpt")
