@@ -199,6 +199,17 @@ def logged_seconds(log: str) -> float:
     return (last - first).total_seconds()
 
 
+def test_a_second_ctrl_c_during_the_final_test_is_one_line_and_keeps_the_checkpoints(corpora, tmp_path):
+    run = tmp_path / "run"
+    signal_args = signal_at(tmp_path / "fired", "test", "SIGINT", batch=2, repeat=2)
+    result = run_train(*arguments(corpora, "plain"), *signal_args, f"hydra.run.dir={run}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Interrupted by a second Ctrl-C during the final test: training is complete" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr and not (run / "metrics.json").exists()
+    saved = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 3 * STEPS
+
+
 def test_ctrl_c_in_a_terminal_stops_a_ddp_spawn_run_at_a_safe_point(corpora, tmp_path):
     """Ctrl-C reaches the launching process as well as the workers: it waits for them to save."""
     run = tmp_path / "run"
