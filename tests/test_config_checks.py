@@ -91,7 +91,7 @@ def test_a_command_with_several_bad_options_names_them_all_before_any_data_is_re
             "trainer.val_check_interval=1.0",
         ],
         ["trainer.check_val_every_n_epoch=null", "trainer.val_check_interval=10", "seed=4294967295"],
-        ["trainer.deterministic=warn", "trainer.fast_dev_run=2", "callbacks.model_checkpoint.save_last=link"],
+        ["trainer.deterministic=warn", "trainer.fast_dev_run=2", "callbacks.model_checkpoint.save_last=null"],
         ["trainer.enable_progress_bar=false", "trainer.benchmark=null", "logger.default_hp_metric=true"],
         ["trainer.log_every_n_steps=null", "trainer.accumulate_grad_batches=4", "~callbacks.progress_bar"],
     ],
