@@ -205,7 +205,8 @@ def _encode_splits(
             for ids in _pieces_of(part, np.uint32):
                 stats = _add_stats(stats, _write(f, renumber[ids]), vocab)
             part.unlink()
-    _log_pace(train, stats.get("tokens", 0), started, f"in {len(jobs)} processes")
+    how = f"in {len(jobs)} processes" if len(jobs) > 1 else "in 1 process"
+    _log_pace(train, stats.get("tokens", 0), started, how)
     splits = {"train": stats}
     for name in sorted(set(files) - {"train"}):
         stats, started = {}, time.perf_counter()
