@@ -95,7 +95,7 @@ def load_corpus(
         if folder.exists() and folder != tried:
             corpus = _open(folder, tokenizer, claims | {"key": key}, "the text's content key")
         if corpus is None:
-            corpus = _prepared(files, folder, tokenizer, min_count, max_vocab, claims | {"key": key})
+            corpus = _prepared(files, folder, tokenizer, claims | {"key": key})
         try:
             cache_check.write_json({"signatures": signatures, "taken_ns": taken_ns, "key": key}, record_file)
         except OSError as error:
@@ -113,14 +113,7 @@ def _content_key(files: dict[str, Path], options: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def _prepared(
-    files: dict[str, Path],
-    folder: Path,
-    tokenizer: Tokenizer,
-    min_count: int,
-    max_vocab: int | None,
-    claims: dict,
-) -> Corpus:
+def _prepared(files: dict[str, Path], folder: Path, tokenizer: Tokenizer, claims: dict) -> Corpus:
     """Prepare `folder` under its lock, unless another process prepared it meanwhile."""
     cache_check.check_writable(folder.parent)  # before tokenising, which takes a while on a big corpus
     before = _identity(folder)
@@ -130,7 +123,7 @@ def _prepared(
             if _identity(folder) not in (None, before):  # another process prepared it meanwhile
                 corpus = _open(folder, tokenizer, claims, "the text's content key")
             if corpus is None:
-                _prepare(files, folder, tokenizer, min_count, max_vocab, claims)
+                _prepare(files, folder, tokenizer, claims)
                 corpus = _open(folder, tokenizer, claims, "the text's content key")
     except OSError as error:  # the lock file cannot be made
         raise cache_check.cache_error(folder.parent, error) from error
@@ -146,23 +139,18 @@ def _identity(folder: Path) -> int | None:
         return None
 
 
-def _prepare(
-    files: dict[str, Path],
-    folder: Path,
-    tokenizer: Tokenizer,
-    min_count: int,
-    max_vocab: int | None,
-    claims: dict,
-) -> None:
+def _prepare(files: dict[str, Path], folder: Path, tokenizer: Tokenizer, claims: dict) -> None:
     """Count and encode every split into a new folder, then rename it into place in one step. Its
-    meta.json holds `claims` (what it was prepared from) and each split's checksum."""
+    meta.json holds `claims` (what it was prepared from, the options included) and each split's
+    checksum."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
     except OSError as error:
         raise cache_check.cache_error(folder.parent, error) from error
     try:
-        vocab, stats = _encode_splits(files, work, tokenizer, min_count, max_vocab)
+        options = claims["options"]
+        vocab, stats = _encode_splits(files, work, tokenizer, options["min_count"], options["max_vocab"])
         cache_check.write_json(vocab.tokens, work / "vocab.json")
         for name, split in stats.items():
             split[cache_check.CHECKSUM] = cache_check.checksum(work / f"{name}.bin")

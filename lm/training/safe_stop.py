@@ -248,7 +248,10 @@ class TrainingCheckpoint(Checkpoint):
     def _save_last(self, trainer: L.Trainer) -> None:
         """`trainer.save_checkpoint` on every rank (it gathers); rank 0 writes it, to a temporary file
         beside `last.ckpt`, synced and renamed (the Trainer's WholeCheckpointIO), and the others wait."""
-        trainer.save_checkpoint(self.last_path, weights_only=False)  # all of it (Lightning logs the default)
+        # A save, not a load: Lightning's flag for writing the whole training state (optimiser, loops,
+        # callbacks), not only the weights; nothing is unpickled. Given, so that Lightning does not log
+        # its default at every save.
+        trainer.save_checkpoint(self.last_path, weights_only=False)
         trainer.strategy.barrier("last.ckpt")
 
     # --- the last validation's values, the random generators and the run's wall time --------------
