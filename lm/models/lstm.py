@@ -9,7 +9,6 @@ of those is off by default, and with all of them off the layers run as one multi
 
 import warnings
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import Literal
 
 import torch
@@ -18,12 +17,12 @@ from torch import nn
 
 from lm.models.dropout import embedding_dropout, locked_dropout
 from lm.models.network import NetworkOptions, State
-from lm.models.softmax import AdaptiveSoftmax, FullSoftmax
-from lm.options import FRACTION, above, at_least, option, refusal
+from lm.models.softmax import AdaptiveSoftmax, FullSoftmax, HeadOptions
+from lm.options import FRACTION, above, at_least, option
 
 
 @dataclass(frozen=True)
-class LSTMOptions(NetworkOptions):
+class LSTMOptions(HeadOptions, NetworkOptions):
     """model.net.* of `model/net=lstm` (the default): Zaremba's LSTM, and AWD-LSTM's regularisers,
     each of those off by default."""
 
@@ -52,49 +51,12 @@ class LSTMOptions(NetworkOptions):
     """DropConnect on each layer's hidden-to-hidden weights, a new mask per window."""
     init: Literal["uniform", "awd"] = option("uniform")
     """uniform: every weight in +-init_scale (Zaremba); awd: the embedding and softmax, the LSTM PyTorch's."""
-    softmax: Literal["full", "adaptive"] = option("full")
-    """full: one linear layer over the vocabulary; adaptive: Grave et al.'s head and tail clusters."""
-    cutoffs: list[int] | None = option(None)
-    """adaptive: the first id of each tail cluster, ids running frequent to rare (PTB: [6000])."""
-    div_value: float = option(4.0, above(0))
-    """adaptive: each cluster's projection 1/div_value the size of the one before (torch's default)."""
 
     def network(self, vocab_size: int) -> "LSTMNetwork":
         return LSTMNetwork(vocab_size, self)
 
     def problems(self, prefix: str, vocab_size: int | None = None) -> list[str]:
-        """The adaptive softmax's cutoffs (against the vocabulary once its size is known), its
-        projections' sizes, and tying, which it cannot do."""
-        if self.softmax != "adaptive":
-            if self.cutoffs is None:
-                return []
-            allowed = f"null with {prefix}.softmax=full; set {prefix}.softmax=adaptive to use them"
-            return [refusal(f"{prefix}.cutoffs", self.cutoffs, allowed)]
-        if not _increasing(self.cutoffs, vocab_size):
-            limit = "" if vocab_size is None else f" and below the vocabulary size ({vocab_size})"
-            allowed = f"a strictly increasing list of integers, each 1 or more{limit}, such as [2000,5000]"
-            return [refusal(f"{prefix}.cutoffs", self.cutoffs, allowed)]
-        lines = []
-        if self.hidden_size // self.div_value ** len(self.cutoffs) < 1:
-            lines.append(
-                f"{prefix}.div_value={self.div_value} leaves the last of {len(self.cutoffs)} tail clusters "
-                f"no projection ({prefix}.hidden_size {self.hidden_size} // {self.div_value} ** "
-                f"{len(self.cutoffs)} = 0 units): lower {prefix}.div_value or give fewer {prefix}.cutoffs."
-            )
-        if self.tie_weights:
-            lines.append(
-                f"{prefix}.tie_weights=true is not allowed with {prefix}.softmax=adaptive: its projections "
-                f"cannot share the embedding matrix; set {prefix}.tie_weights=false or {prefix}.softmax=full."
-            )
-        return lines
-
-
-def _increasing(cutoffs: list[int] | None, vocab_size: int | None) -> bool:
-    """1 <= c_1 < c_2 < ... < vocab_size."""
-    if not cutoffs:
-        return False
-    increasing = cutoffs[0] >= 1 and all(a < b for a, b in pairwise(cutoffs))
-    return increasing and (vocab_size is None or cutoffs[-1] < vocab_size)
+        return self.head_problems(prefix, "hidden_size", self.hidden_size, self.tie_weights, vocab_size)
 
 
 class LSTMNetwork(nn.Module):
@@ -123,11 +85,9 @@ class LSTMNetwork(nn.Module):
         # The head, under the names its weights have in checkpoints: `decoder` or `adaptive_softmax`.
         self.decoder, self.adaptive_softmax = None, None
         if o.softmax == "full":
-            self.decoder = FullSoftmax(last_size, vocab_size)
+            self.decoder = o.head(last_size, vocab_size)
         else:
-            self.adaptive_softmax = AdaptiveSoftmax(
-                last_size, vocab_size, list(o.cutoffs), o.div_value, head_bias=True
-            )
+            self.adaptive_softmax = o.head(last_size, vocab_size)
         if o.init == "uniform":  # Zaremba: every weight uniform in [-init_scale, init_scale]
             for parameter in self.parameters():
                 nn.init.uniform_(parameter, -o.init_scale, o.init_scale)

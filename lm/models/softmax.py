@@ -9,10 +9,70 @@ not depend on this file.
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lm.options import above, option, refusal
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """The softmax head's options, which every network's options carry (model.net.*)."""
+
+    softmax: Literal["full", "adaptive"] = option("full")
+    """full: one linear layer over the vocabulary; adaptive: Grave et al.'s head and tail clusters."""
+    cutoffs: list[int] | None = option(None)
+    """adaptive: the first id of each tail cluster, ids running frequent to rare (PTB: [6000])."""
+    div_value: float = option(4.0, above(0))
+    """adaptive: each cluster's projection 1/div_value the size of the one before (torch's default)."""
+
+    def head(self, size: int, vocab_size: int) -> "FullSoftmax | AdaptiveSoftmax":
+        """The head over features of `size` units."""
+        if self.softmax == "full":
+            return FullSoftmax(size, vocab_size)
+        return AdaptiveSoftmax(size, vocab_size, list(self.cutoffs), self.div_value, head_bias=True)
+
+    def head_problems(
+        self, prefix: str, size_key: str, size: int, tied: bool, vocab_size: int | None
+    ) -> list[str]:
+        """The adaptive softmax's cutoffs (against the vocabulary once its size is known), its
+        projections' sizes (from `size`, the features' units, set by `size_key`), and tying, which
+        it cannot do."""
+        if self.softmax != "adaptive":
+            if self.cutoffs is None:
+                return []
+            allowed = f"null with {prefix}.softmax=full; set {prefix}.softmax=adaptive to use them"
+            return [refusal(f"{prefix}.cutoffs", self.cutoffs, allowed)]
+        if not _increasing(self.cutoffs, vocab_size):
+            limit = "" if vocab_size is None else f" and below the vocabulary size ({vocab_size})"
+            allowed = f"a strictly increasing list of integers, each 1 or more{limit}, such as [2000,5000]"
+            return [refusal(f"{prefix}.cutoffs", self.cutoffs, allowed)]
+        lines = []
+        if size // self.div_value ** len(self.cutoffs) < 1:
+            lines.append(
+                f"{prefix}.div_value={self.div_value} leaves the last of {len(self.cutoffs)} tail clusters "
+                f"no projection ({prefix}.{size_key} {size} // {self.div_value} ** "
+                f"{len(self.cutoffs)} = 0 units): lower {prefix}.div_value or give fewer {prefix}.cutoffs."
+            )
+        if tied:
+            lines.append(
+                f"{prefix}.tie_weights=true is not allowed with {prefix}.softmax=adaptive: its projections "
+                f"cannot share the embedding matrix; set {prefix}.tie_weights=false or {prefix}.softmax=full."
+            )
+        return lines
+
+
+def _increasing(cutoffs: list[int] | None, vocab_size: int | None) -> bool:
+    """1 <= c_1 < c_2 < ... < vocab_size."""
+    if not cutoffs:
+        return False
+    increasing = cutoffs[0] >= 1 and all(a < b for a, b in pairwise(cutoffs))
+    return increasing and (vocab_size is None or cutoffs[-1] < vocab_size)
 
 
 class FullSoftmax(nn.Linear):
