@@ -1,7 +1,6 @@
 """docs/design.md, "Model and training" and "Perplexity": state carry, loss scale, schedule, exact ppl."""
 
 import math
-from itertools import pairwise
 
 import lightning as L
 import pytest
@@ -17,38 +16,6 @@ def tiny_setup(corpus_dir, tmp_path, **data):
     datamodule = PTBDataModule(dir=corpus_dir, cache_dir=tmp_path / "cache", url="file:///nowhere", **data)
     model = language_model(datamodule.vocab_size, hidden_size=8, init_scale=0.3)
     return datamodule, model
-
-
-def tensors(state):
-    return [s for layer in state for s in layer]
-
-
-def test_state_is_carried_detached_reset_each_epoch_and_kept_from_validation(tiny_corpus, tmp_path):
-    datamodule, model = tiny_setup(tiny_corpus, tmp_path, batch_size=4, num_steps=10)
-    calls = []  # (training?, state in, state out)
-    hidden = model.net.features  # what training and evaluation both call
-
-    def recording_hidden(x, state=None):
-        out, new_state = hidden(x, state)
-        calls.append((model.training, state, new_state))
-        return out, new_state
-
-    model.net.features = recording_hidden
-    quiet_trainer(max_epochs=2, limit_train_batches=6, limit_val_batches=2, val_check_interval=3).fit(
-        model, datamodule=datamodule
-    )
-
-    training = [(state_in, state_out) for is_training, state_in, state_out in calls if is_training]
-    validation = [(state_in, state_out) for is_training, state_in, state_out in calls if not is_training]
-    assert len(training) == 12 and len(validation) == 8  # validation after steps 3 and 6 of 2 epochs
-    for epoch in (training[:6], training[6:]):
-        assert epoch[0][0] is None  # zero state at every epoch start
-        for (_, out), (state_in, _) in pairwise(epoch):
-            state_in, out = tensors(state_in), tensors(out)
-            assert all(torch.equal(s_in, s_out) for s_in, s_out in zip(state_in, out, strict=True))
-            assert all(s.grad_fn is None and not s.requires_grad for s in state_in)  # truncated
-    # Each validation pass starts from zeros and never hands its state to training.
-    assert [state_in is None for state_in, _ in validation] == [True, False] * 4
 
 
 def test_loss_is_summed_over_time_and_averaged_over_streams(tiny_corpus, tmp_path):

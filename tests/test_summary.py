@@ -32,4 +32,4 @@ def test_a_run_shows_the_training_flops_per_token_and_the_switch_turns_the_summa
 def test_the_adaptive_softmax_has_no_figure_rather_than_a_wrong_one():
     model = language_model(vocab_size=100, hidden_size=16, softmax="adaptive", cutoffs=[20])
     table = summary_table(summarize(model), flops_per_token(model.net))
-    assert "n/a       Training FLOPs per token (the adaptive softmax's depends on the targets)" in table
+    assert "n/a       Training FLOPs per token (counted for the LSTM with the full softmax)" in table

@@ -30,9 +30,10 @@ def flops_per_token(net: nn.Module) -> float:
     Counted from the built layers, so an `embedding_size` and tied weights count as they are: each
     LSTM layer multiplies [x, h] (its input and hidden units) into 4 x hidden gates, and the full
     softmax's decoder its input features into the vocabulary. NaN with the adaptive softmax (no
-    decoder): its cost per token depends on the targets.
+    decoder): its cost per token depends on the targets; NaN too for the networks of other layers
+    (counted for nn.LSTM's only).
     """
-    if net.decoder is None or not hasattr(net, "rnns"):  # the adaptive softmax, or not an LSTM network
+    if net.decoder is None or not all(isinstance(rnn, nn.LSTM) for rnn in getattr(net, "rnns", [None])):
         return math.nan
     forward = 2 * net.decoder.in_features * net.decoder.out_features
     for rnn in net.rnns:  # nn.LSTM modules, one layer each or several stacked
@@ -79,7 +80,7 @@ def summary_table(summary: Summary, flops: float) -> str:
     trainable = summary.trainable_parameters
     flops_note = "matrix multiplies, forward and backward"
     if math.isnan(flops):
-        flops_figure, flops_note = "n/a", "the adaptive softmax's depends on the targets"
+        flops_figure, flops_note = "n/a", "counted for the LSTM with the full softmax"
     else:
         flops_figure = get_human_readable_count(int(flops))
     totals = [
