@@ -8,12 +8,14 @@
     python evaluate.py ckpt_path=... cache.window=... cache.lambda=... cache.theta=...
     python evaluate.py -m ckpt_path=... split=valid cache.window=500 cache.lambda=0.05,0.1 cache.theta=0.3
     python -m lm.tools.report outputs/evaluate/multirun/<date>/<time>               # the sweep, best first
+    python evaluate.py ckpt_path=... split=valid probs_file=a.valid.txt             # for lm.tools.ensemble
 
 One stream, batch 1, the state carried over the whole text: every target scored once
 (lm/evaluation/scoring.py). Test-time adaptation, off by default: dynamic evaluation
 (lm/evaluation/dynamic_eval.py), the continuous cache (lm/evaluation/cache.py), or both, each
 scoring a target before anything learns from it.
-Prints the result and writes it, with the adaptation's options, to <run dir>/evaluation.json.
+Prints the result and writes it, with the adaptation's options, to <run dir>/evaluation.json;
+`probs_file=PATH` also writes each target's probability there (lm/evaluation/token_probs.py).
 """
 
 import logging
@@ -37,7 +39,9 @@ from lm.errors import UserError, exit_on_user_error
 from lm.evaluation import cache, dynamic_eval
 from lm.evaluation.loading import TrainedModel, load_model, pick_device
 from lm.evaluation.options import EvaluateOptions
+from lm.evaluation.outputs import output_file, write_whole
 from lm.evaluation.scoring import score_stream, text_ids
+from lm.evaluation.token_probs import probability_lines
 from lm.json_output import json_text
 from lm.options import build, defaults, problems, refuse
 
@@ -71,6 +75,7 @@ def evaluate(cfg: DictConfig) -> dict:
     )
     dynamic_options = build(dynamic_eval.DynamicEvalOptions, cfg.dynamic_eval)
     cache_options = build(cache.CacheOptions, cfg.cache)
+    probs_file = probs_output(cfg)
     device = evaluation_device(cfg)
     model = load_model(cfg.ckpt_path, device)
     vocabulary = model.vocabulary
@@ -115,17 +120,33 @@ def evaluate(cfg: DictConfig) -> dict:
         "unk_targets": int((ids[1:] == vocabulary.unk_id).sum()),
         "dynamic_eval": dynamic_options.used(),
         "cache": OmegaConf.to_container(cfg.cache) if cache_options.window else None,
+        "probs_file": str(probs_file) if probs_file else None,
         "wall_seconds": time.perf_counter() - started,
     }
     path = Path(HydraConfig.get().runtime.output_dir) / "evaluation.json"
     path.write_text(json_text(evaluation))
+    if probs_file:
+        write_whole(probs_file, "probs_file", probability_lines(scores.log_probs))
     if not math.isfinite(evaluation["ppl"]):
         raise UserError(
             f"The perplexity is not finite ({evaluation['ppl']}; null in {path}): the adaptation diverged, "
             "or the checkpoint's weights are far too large. Lower dynamic_eval.lr, or check ckpt_path."
         )
     log.info("perplexity %.4f over %d targets; %s", evaluation["ppl"], evaluation["targets"], path)
+    if probs_file:
+        log.info("each target's probability, one per line: %s", probs_file)
     return evaluation
+
+
+def probs_output(cfg: DictConfig) -> Path | None:
+    """Where `probs_file=` puts each target's probability, checked before the model is loaded; never
+    onto the checkpoint or the file being scored."""
+    if not cfg.probs_file:
+        return None
+    reads = {Path(str(cfg.ckpt_path)).expanduser(): "the checkpoint"}
+    if cfg.file:
+        reads[Path(cfg.file).expanduser()] = "the file being scored"
+    return output_file(str(cfg.probs_file), "probs_file", reads)
 
 
 def evaluation_device(cfg: DictConfig) -> torch.device:

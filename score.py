@@ -35,7 +35,12 @@ def score(cfg: DictConfig) -> dict:
     device = pick_device(cfg.device)
     path = Path(cfg.file).expanduser()
     run_folder = Path(HydraConfig.get().runtime.output_dir)  # checked by conf/score.yaml's callback
-    out = output_file(str(cfg.output), "output", path) if cfg.output else run_folder / f"scores.{cfg.format}"
+    if cfg.output:
+        out = output_file(
+            str(cfg.output), "output", {path: "the file being scored"}, left_out="the run folder"
+        )
+    else:
+        out = run_folder / f"scores.{cfg.format}"
     lines = text_lines(read_text(path))
     if not lines:  # as evaluate.py: a file with no line has no target, not even an <eos>
         raise UserError(f"file={path} holds no token to score: it is empty.")

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ composes)
 from lm import PROJECT_ROOT
+from lm.data.datamodule import PTBDataModule
 from lm.data.text import Tokenizer, read_text, text_tokens
 from lm.data.vocabulary import Vocabulary
 from lm.models.lstm import LSTMOptions
@@ -80,6 +81,25 @@ def write_tiny_corpus(folder: Path, train_lines: int = 2000) -> Path:
 @pytest.fixture
 def tiny_corpus(tmp_path: Path) -> Path:
     return write_tiny_corpus(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> dict:
+    """An untrained model's checkpoint, saved the way train.py saves one, and its corpus: for the
+    tests of evaluate.py (tests/test_adaptation.py's run_evaluate), which need no trained model."""
+    root = tmp_path_factory.mktemp("untrained")
+    corpus = write_tiny_corpus(root / "tiny", train_lines=500)
+    datamodule = PTBDataModule(dir=corpus, cache_dir=root / "cache", url="file:///nowhere")
+    torch.manual_seed(0)
+    model = language_model(len(datamodule.vocabulary), hidden_size=16, init_scale=0.3)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=datamodule)
+    trainer.save_checkpoint(root / "model.ckpt")
+    return {
+        "root": root,
+        "ckpt": root / "model.ckpt",
+        "data": [f"data.dir={corpus}", f"data.cache_dir={root / 'cache'}"],
+    }
 
 
 @pytest.fixture(scope="session")

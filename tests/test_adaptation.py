@@ -16,13 +16,12 @@ from omegaconf import open_dict
 
 from evaluate import evaluate
 from lm import PROJECT_ROOT
-from lm.data.datamodule import PTBDataModule
 from lm.errors import UserError
 from lm.evaluation.cache import NeuralCache
 from lm.evaluation.dynamic_eval import DynamicEvaluation, gradient_mean_squares
 from lm.evaluation.scoring import score_stream
 from lm.models.lstm import LSTMNetwork, LSTMOptions
-from tests.conftest import language_model, quiet_trainer, run_script, write_tiny_corpus
+from tests.conftest import run_script
 
 CPU = torch.device("cpu")
 VOCAB = 12
@@ -199,24 +198,6 @@ def test_cache_probability_is_the_papers_mixture(net):
 
 
 # --- evaluate.py -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> dict:
-    """An untrained model's checkpoint, saved the way train.py saves one, and its corpus."""
-    root = tmp_path_factory.mktemp("adaptation")
-    corpus = write_tiny_corpus(root / "tiny", train_lines=500)
-    datamodule = PTBDataModule(dir=corpus, cache_dir=root / "cache", url="file:///nowhere")
-    torch.manual_seed(0)
-    model = language_model(len(datamodule.vocabulary), hidden_size=16, init_scale=0.3)
-    trainer = quiet_trainer(max_epochs=1, limit_train_batches=0, limit_val_batches=0)
-    trainer.fit(model, datamodule=datamodule)
-    trainer.save_checkpoint(root / "model.ckpt")
-    return {
-        "root": root,
-        "ckpt": root / "model.ckpt",
-        "data": [f"data.dir={corpus}", f"data.cache_dir={root / 'cache'}"],
-    }
 
 
 def run_evaluate(checkpoint: dict, out: Path, *overrides: str) -> dict:

@@ -1,9 +1,10 @@
-"""Where the tools write: their run folder and score.py's `output=`. Each place is checked before the
-model is loaded, so that one that cannot take the file is one line naming its key, not a traceback
-after the pass; nothing is created until there is something to write."""
+"""Where the tools write: their run folder, score.py's `output=`, evaluate.py's `probs_file=`. Each place
+is checked before the model is loaded, so that one that cannot take the file is one line naming its
+key, not a traceback after the pass; nothing is created until there is something to write."""
 
 import contextlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,20 @@ def check_folder(folder: Path, key: str) -> None:
         raise UserError(f"{key}={folder} cannot be written ({reason}): give {key} a folder you can write.")
 
 
-def output_file(output: str, key: str, reads: Path) -> Path:
-    """The file `key=output` names, refused if it is a folder (or ends in "/"), the file `reads`
-    (which writing would destroy), or in a place that cannot be written. An earlier file there is
-    replaced, as the tools replace the files of a run folder they are given again."""
+def output_file(output: str, key: str, reads: Mapping[Path, str], left_out: str | None = None) -> Path:
+    """The file `key=output` names, refused if it is a folder (or ends in "/"), one of the files the
+    run `reads` (each with what it is: "the checkpoint"), which writing would destroy, or in a place
+    that cannot be written. An earlier file there is replaced, as the tools replace the files of a
+    run folder they are given again. `left_out` says what leaving `key` out does, where it does one."""
     path = Path(output).expanduser()
-    advice = f"give {key} a file path in a folder you can write, or leave it out (the run folder)"
+    advice = f"give {key} a file path in a folder you can write" + (
+        f", or leave it out ({left_out})" if left_out else ""
+    )
     if path.is_dir() or output.endswith(os.sep):
         raise UserError(f"{key}={output} is a folder, not a file: {advice}.")
-    if path.exists() and reads.exists() and path.samefile(reads):
-        raise UserError(f"{key}={output} is the file being scored, which writing would replace: {advice}.")
+    for read, what in reads.items():
+        if path.exists() and read.exists() and path.samefile(read):
+            raise UserError(f"{key}={output} is {what}, which writing would replace: {advice}.")
     reason = why_unwritable(path.parent)
     if reason:
         raise UserError(f"{key}={output} cannot be written ({reason}): {advice}.")
