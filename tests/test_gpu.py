@@ -36,6 +36,7 @@ from tests.conftest import (
 from tests.test_adaptation import run_evaluate
 from tests.test_interruptions import assert_same_run, signal_at
 from tests.test_learning import TRUE_PERPLEXITY, coin_lines
+from tests.test_networks import TINY
 
 pytestmark = [
     pytest.mark.gpu,
@@ -148,6 +149,23 @@ def test_cudnn_gives_the_cpus_logits_losses_and_gradients(options, ieee_float32,
     gpu_logits, gpu_losses, gpu_grads = two_windows_and_gradients(gpu_model, ids, CUDA, monkeypatch)
     assert gpu_logits.device.type == "cuda" and gpu_grads[0].device.type == "cuda"
     # float32 is within 4e-7 of the same model in float64 here (on the CPU): 25x and 80x that.
+    assert_near(gpu_logits, cpu_logits, 1e-5)
+    assert_near(gpu_losses, cpu_losses, 1e-5)
+    for gpu_grad, cpu_grad in zip(gpu_grads, cpu_grads, strict=True):
+        assert_near(gpu_grad, cpu_grad, 3e-5)
+
+
+@pytest.mark.parametrize("name", [name for name in TINY if name != "lstm"])
+def test_every_other_network_gives_the_cpus_logits_losses_and_gradients(name, ieee_float32, monkeypatch):
+    """The networks of hand-written cells (tests/test_networks.py's tiny ones), with dropout on."""
+    torch.manual_seed(0)
+    net = {**TINY[name], "dropout": 0.3}
+    cpu_model, gpu_model = (LanguageModel(VOCAB, net, loss_average="tokens") for _ in range(2))
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    ids = torch.randint(VOCAB, (4, 21), generator=torch.Generator().manual_seed(1))
+    cpu_logits, cpu_losses, cpu_grads = two_windows_and_gradients(cpu_model, ids, CPU, monkeypatch)
+    gpu_logits, gpu_losses, gpu_grads = two_windows_and_gradients(gpu_model, ids, CUDA, monkeypatch)
+    assert gpu_logits.device.type == "cuda" and gpu_grads[0].device.type == "cuda"
     assert_near(gpu_logits, cpu_logits, 1e-5)
     assert_near(gpu_losses, cpu_losses, 1e-5)
     for gpu_grad, cpu_grad in zip(gpu_grads, cpu_grads, strict=True):

@@ -36,7 +36,16 @@ CONFIGURATIONS = {
     "interval_validation": ["trainer.val_check_interval=30"],
     "accumulation": ["trainer.accumulate_grad_batches=2"],  # a step every two windows
     "nt_asgd": ["model.asgd_nonmono=1", "model.lr_decay=1.0", "trainer.max_epochs=5"],
+    # The other networks, each from its preset at RUN's size, with dropout on as RUN's LSTM.
+    "xlstm": [
+        "model=xlstm_cpu",
+        "model.net.embedding_size=16",
+        "model.net.num_heads=2",
+        "model.net.num_blocks=2",
+        "model.net.dropout=0.3",
+    ],
 }
+LSTM_ONLY = {"model.net.hidden_size=16", "model.net.dropout=0.3"}  # RUN's, for the LSTM
 STEPS = 100  # windows per epoch of the plain corpus (8 streams of 20 tokens)
 ASGD_STEPS = 21  # and of the NT-ASGD one
 TAGS = ("val/ppl", "train/epoch_ppl", "lr", "train/loss")
@@ -75,7 +84,8 @@ def references(corpora, tmp_path_factory):
 
 
 def arguments(corpora, name: str) -> list[str]:
-    return [*RUN, *CONFIGURATIONS[name], *corpora[name]]
+    lstm = not CONFIGURATIONS[name] or not CONFIGURATIONS[name][0].startswith("model=")
+    return [*(a for a in RUN if lstm or a not in LSTM_ONLY), *CONFIGURATIONS[name], *corpora[name]]
 
 
 def signal_at(marker: Path, point: str, signal_name: str = "SIGTERM", **where: int | str) -> list[str]:
@@ -148,6 +158,8 @@ def stop_and_resume(corpora, name: str, run: Path, signal_args: list[str], env: 
         ("accumulation", "batch", {"epoch": 2, "batch": 30}, f"at step {STEPS // 2 + 16} (epoch 2)"),
         ("nt_asgd", "validation", {"epoch": 4, "batch": 1}, f"at the end of epoch 4 (step {4 * ASGD_STEPS})"),
         ("nt_asgd", "step", {"step": 4 * ASGD_STEPS + 10}, f"at step {4 * ASGD_STEPS + 10} (epoch 5)"),
+        ("xlstm", "step", {"step": STEPS + 37}, f"at step {STEPS + 37} (epoch 2)"),
+        ("xlstm", "validation", {"epoch": 1, "batch": 3}, f"at the end of epoch 1 (step {STEPS})"),
     ],
 )
 def test_a_signal_stops_at_a_safe_point_and_the_run_resumes_exactly(
