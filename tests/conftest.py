@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Checkpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ composes)
 from lm import PROJECT_ROOT
@@ -131,6 +131,18 @@ def quiet_trainer(accelerator: str = "cpu", **kwargs) -> L.Trainer:
     )
 
 
+def app_config(name: str, out: Path, *overrides: str):
+    """A tool's configuration (evaluate.py, generate.py, score.py) and run folder `out`, as Hydra
+    gives them, for the tool's function in this process."""
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(name, list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+    HydraConfig.instance().set_config(cfg)
+    out.mkdir(parents=True)
+    return cfg
+
+
 # Small enough that a run on the tiny corpus takes seconds.
 TINY_RUN = [
     "model.net.hidden_size=16",
@@ -140,6 +152,22 @@ TINY_RUN = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
 ]
+# The other networks from their CPU presets, as small: TINY_RUN with these for its LSTM's key.
+TINY_NETWORKS = {
+    "xlstm": [
+        "model=xlstm_cpu",
+        "model.net.embedding_size=16",
+        "model.net.num_heads=2",
+        "model.net.num_blocks=2",
+    ],
+}
+
+
+def tiny_run(network: str) -> list[str]:
+    """TINY_RUN for `network` (lstm, or one of TINY_NETWORKS)."""
+    if network == "lstm":
+        return TINY_RUN
+    return [*(a for a in TINY_RUN if not a.startswith("model.net.")), *TINY_NETWORKS[network]]
 
 
 def run_train(

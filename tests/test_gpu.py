@@ -13,18 +13,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from generate import generate
-from lm import PROJECT_ROOT
 from lm.data.datamodule import PTBDataModule
 from lm.models.lstm import LSTMNetwork, LSTMOptions
 from lm.training.module import Diverged, LanguageModel
 from score import score
 from tests.conftest import (
     TINY_RUN,
+    app_config,
     language_model,
     quiet_trainer,
     random_lines,
@@ -298,17 +295,6 @@ def test_a_checkpoint_saved_on_the_gpu_is_evaluated_on_a_machine_without_one(cor
     # train.py's test ran with PyTorch's defaults, TF32 in cuDNN (10-bit mantissas); a mean over
     # 1.7k targets stays well inside 1e-3.
     assert ppl == pytest.approx(metrics["test_ppl"], rel=1e-3)
-
-
-def app_config(name: str, out: Path, *overrides: str):
-    """generate.py's or score.py's configuration, its run folder `out`, as Hydra gives it."""
-    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose(name, list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-    HydraConfig.instance().set_config(cfg)
-    out.mkdir(parents=True)
-    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN, run_train, write_corpus, write_tiny_corpus
+from conftest import TINY_NETWORKS, TINY_RUN, run_train, write_corpus, write_tiny_corpus
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 pytestmark = pytest.mark.slow
@@ -37,15 +37,8 @@ CONFIGURATIONS = {
     "accumulation": ["trainer.accumulate_grad_batches=2"],  # a step every two windows
     "nt_asgd": ["model.asgd_nonmono=1", "model.lr_decay=1.0", "trainer.max_epochs=5"],
     # The other networks, each from its preset at RUN's size, with dropout on as RUN's LSTM.
-    "xlstm": [
-        "model=xlstm_cpu",
-        "model.net.embedding_size=16",
-        "model.net.num_heads=2",
-        "model.net.num_blocks=2",
-        "model.net.dropout=0.3",
-    ],
+    **{name: [*run, "model.net.dropout=0.3"] for name, run in TINY_NETWORKS.items()},
 }
-LSTM_ONLY = {"model.net.hidden_size=16", "model.net.dropout=0.3"}  # RUN's, for the LSTM
 STEPS = 100  # windows per epoch of the plain corpus (8 streams of 20 tokens)
 ASGD_STEPS = 21  # and of the NT-ASGD one
 TAGS = ("val/ppl", "train/epoch_ppl", "lr", "train/loss")
@@ -84,8 +77,12 @@ def references(corpora, tmp_path_factory):
 
 
 def arguments(corpora, name: str) -> list[str]:
-    lstm = not CONFIGURATIONS[name] or not CONFIGURATIONS[name][0].startswith("model=")
-    return [*(a for a in RUN if lstm or a not in LSTM_ONLY), *CONFIGURATIONS[name], *corpora[name]]
+    lstm = name not in TINY_NETWORKS  # RUN's model.net keys are the LSTM's
+    return [
+        *(a for a in RUN if lstm or not a.startswith("model.net.")),
+        *CONFIGURATIONS[name],
+        *corpora[name],
+    ]
 
 
 def signal_at(marker: Path, point: str, signal_name: str = "SIGTERM", **where: int | str) -> list[str]:
