@@ -1,6 +1,6 @@
 """Every tool works with every network (the LSTM's own tests are elsewhere): a run trained by
-train.py is evaluated (plain, dynamic evaluation, the cache, both), scored, sampled from and
-benchmarked, and trains on two processes as on one."""
+a train.py sweep is evaluated (plain, dynamic evaluation, the cache, both), scored, sampled from
+and benchmarked, and trains on two processes as on one."""
 
 import json
 import os
@@ -30,7 +30,8 @@ def trained(request, tmp_path_factory) -> dict:
     corpus = write_tiny_corpus(root / "tiny", train_lines=600)  # 30 windows an epoch
     data = [f"data.dir={corpus}", f"data.cache_dir={root / 'cache'}"]
     overrides = [*tiny_run(request.param), *EXACT, *data, "trainer.log_every_n_steps=1"]
-    result = run_train(*overrides, f"hydra.run.dir={root / 'run'}")
+    # A sweep (of one run, as cheap as one): a user sweeps a network's options this way.
+    result = run_train("-m", *overrides, "seed=1", f"hydra.sweep.dir={root}", "hydra.sweep.subdir=run")
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((root / "run" / "metrics.json").read_text())
     return {"network": request.param, "root": root, "overrides": overrides, "data": data, "metrics": metrics}
