@@ -5,6 +5,7 @@ import re
 
 from lightning.pytorch.utilities.model_summary import summarize
 
+from lm.models.mogrifier import MogrifierOptions
 from lm.training.summary import flops_per_token, summary_table
 from tests.conftest import TINY_RUN, language_model, run_train
 
@@ -33,3 +34,11 @@ def test_the_adaptive_softmax_has_no_figure_rather_than_a_wrong_one():
     model = language_model(vocab_size=100, hidden_size=16, softmax="adaptive", cutoffs=[20])
     table = summary_table(summarize(model), flops_per_token(model.net))
     assert "n/a       Training FLOPs per token (the adaptive softmax's depends on the targets)" in table
+
+
+def test_a_mogrifier_network_counts_its_rounds_maps_too():
+    # The network of the run above with 2 rounds: each layer's Q and R (16 x 16) add 2 x 256 to the
+    # 4,288 multiply-adds per token (8,576 / 2), so (4,288 + 1,024) x 2 x 3 = 31,872.
+    assert flops_per_token(MogrifierOptions(hidden_size=16, rounds=2).network(12)) == 31_872
+    # Low-rank, each map is (16 x 4)(4 x 16), 128: (4,288 + 512) x 2 x 3 = 28,800.
+    assert flops_per_token(MogrifierOptions(hidden_size=16, rounds=2, rank=4).network(12)) == 28_800
