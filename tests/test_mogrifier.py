@@ -1,14 +1,15 @@
 """The Mogrifier LSTM (lm/models/mogrifier.py): its rounds as the paper writes them, the LSTM network
-it becomes with none, its low-rank maps and its options."""
+it becomes with none, its low-rank maps, its options and its presets."""
 
 import dataclasses
 
 import pytest
 import torch
+from conftest import compose_config
 
 from lm.models.lstm import LSTMNetwork, LSTMOptions
 from lm.models.mogrifier import MogrifierLayer, MogrifierNetwork, MogrifierOptions
-from lm.models.network import network_problems
+from lm.models.network import build_network, network_problems
 
 AWD_DROPOUTS = {
     "input_dropout": 0.3,
@@ -160,3 +161,16 @@ def test_options_refuse_a_rank_no_map_can_have_and_keep_the_lstms_refusals():
         "model.net.cutoffs=[10] is not allowed: it must be null with model.net.softmax=full; set "
         "model.net.softmax=adaptive to use them."
     ]
+
+
+@pytest.mark.parametrize("preset", ["mogrifier_cpu", "mogrifier"])
+def test_the_presets_compose_and_build_a_mogrifier_network(preset):
+    cfg = compose_config(f"model={preset}")
+    assert cfg.model.net._target_ == "lm.models.mogrifier.MogrifierOptions"
+    assert network_problems(cfg.model.net, vocab_size=10000) == []
+    assert cfg.model.net.rounds > 0
+    if preset == "mogrifier":  # the paper's PTB model: 24M parameters
+        net = build_network(cfg.model.net, vocab_size=10000)
+        assert 23.5e6 < sum(parameter.numel() for parameter in net.parameters()) <= 24e6
+    defaults = compose_config("model/net=mogrifier").model.net
+    assert (defaults.rounds, defaults.rank, defaults.hidden_size) == (5, None, 200)
