@@ -1,10 +1,13 @@
 """The model summary at the start of training shows the project's count of FLOPs, per training token,
 where Lightning's shows 0 for any LSTM network."""
 
+import math
 import re
 
 from lightning.pytorch.utilities.model_summary import summarize
 
+from lm.models.mogrifier import MogrifierOptions
+from lm.models.xlstm import XLSTMOptions
 from lm.training.summary import flops_per_token, summary_table
 from tests.conftest import TINY_RUN, language_model, run_train
 
@@ -29,7 +32,18 @@ def test_a_run_shows_the_training_flops_per_token_and_the_switch_turns_the_summa
     assert "Trainable params" not in hidden.stdout + hidden.stderr
 
 
-def test_the_adaptive_softmax_has_no_figure_rather_than_a_wrong_one():
+def test_the_adaptive_softmax_and_the_xlstm_have_no_figure_rather_than_a_wrong_one():
     model = language_model(vocab_size=100, hidden_size=16, softmax="adaptive", cutoffs=[20])
     table = summary_table(summarize(model), flops_per_token(model.net))
-    assert "n/a       Training FLOPs per token (counted for the LSTM with the full softmax)" in table
+    note = "counted for the LSTM and Mogrifier with the full softmax"
+    assert f"n/a       Training FLOPs per token ({note})" in table
+    xlstm = XLSTMOptions(embedding_size=16, num_heads=2).network(12)
+    assert math.isnan(flops_per_token(xlstm))
+
+
+def test_a_mogrifier_network_counts_its_rounds_maps_too():
+    # The network of the run above with 2 rounds: each layer's Q and R (16 x 16) add 2 x 256 to the
+    # 4,288 multiply-adds per token (8,576 / 2), so (4,288 + 1,024) x 2 x 3 = 31,872.
+    assert flops_per_token(MogrifierOptions(hidden_size=16, rounds=2).network(12)) == 31_872
+    # Low-rank, each map is (16 x 4)(4 x 16), 128: (4,288 + 512) x 2 x 3 = 28,800.
+    assert flops_per_token(MogrifierOptions(hidden_size=16, rounds=2, rank=4).network(12)) == 28_800

@@ -9,6 +9,7 @@ of those is off by default, and with all of them off the layers run as one multi
 
 import warnings
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Literal
 
 import torch
@@ -55,6 +56,12 @@ class LSTMOptions(HeadOptions, NetworkOptions):
     def network(self, vocab_size: int) -> "LSTMNetwork":
         return LSTMNetwork(vocab_size, self)
 
+    def layer_sizes(self) -> list[int]:
+        """The embedding's size, then each layer's units: the last has embedding_size when tied."""
+        embedding_size = self.embedding_size or self.hidden_size
+        last_size = embedding_size if self.tie_weights else self.hidden_size
+        return [embedding_size] + [self.hidden_size] * (self.num_layers - 1) + [last_size]
+
     def problems(self, prefix: str, vocab_size: int | None = None) -> list[str]:
         return self.head_problems(prefix, "hidden_size", self.hidden_size, self.tie_weights, vocab_size)
 
@@ -68,19 +75,11 @@ class LSTMNetwork(nn.Module):
     def __init__(self, vocab_size: int, options: LSTMOptions):
         super().__init__()
         o = self.options = options
-        hidden_size, embedding_size = o.hidden_size, o.embedding_size or o.hidden_size
+        sizes = o.layer_sizes()
+        embedding_size, last_size = sizes[0], sizes[-1]
         self.embedding = nn.Embedding(vocab_size, embedding_size)
         self.step_dropout = nn.Dropout(o.dropout)  # Zaremba's: a new mask at every step
-        last_size = embedding_size if o.tie_weights else hidden_size
-        sizes = [embedding_size] + [hidden_size] * (o.num_layers - 1) + [last_size]
-        if o.hidden_dropout or o.weight_drop or len(set(sizes)) > 1:  # needs a hand between the layers
-            self.rnns = nn.ModuleList(
-                nn.LSTM(sizes[i], sizes[i + 1], batch_first=True) for i in range(o.num_layers)
-            )
-        else:  # every layer of one size (one tied layer: embedding_size); `dropout` acts between layers only
-            self.rnns = nn.ModuleList(
-                [nn.LSTM(sizes[0], sizes[0], o.num_layers, dropout=o.dropout, batch_first=True)]
-            )
+        self.rnns = self._layers(sizes)
         self.output_size = last_size  # what the softmax, and the cache, read at each position
         # The head, under the names its weights have in checkpoints: `decoder` or `adaptive_softmax`.
         self.decoder, self.adaptive_softmax = None, None
@@ -101,6 +100,14 @@ class LSTMNetwork(nn.Module):
                     nn.init.uniform_(parameter, -o.init_scale, o.init_scale)
         if o.tie_weights:  # Press & Wolf (2017), Inan et al. (2017)
             self.decoder.weight = self.embedding.weight
+
+    def _layers(self, sizes: list[int]) -> nn.ModuleList:
+        """The recurrent layers, layer i from sizes[i] to sizes[i + 1] units, each run by `_run`."""
+        o = self.options
+        if o.hidden_dropout or o.weight_drop or len(set(sizes)) > 1:  # needs a hand between the layers
+            return nn.ModuleList(nn.LSTM(size, units, batch_first=True) for size, units in pairwise(sizes))
+        # Every layer of one size (one tied layer: embedding_size); `dropout` acts between layers only.
+        return nn.ModuleList([nn.LSTM(sizes[0], sizes[0], o.num_layers, dropout=o.dropout, batch_first=True)])
 
     @property
     def softmax(self) -> FullSoftmax | AdaptiveSoftmax:

@@ -62,9 +62,9 @@ class Network(Protocol):
 
 class NetworkOptions:
     """The base of each network's options, a dataclass declared in the network's module (as
-    `LSTMOptions`): lm/config.py offers every subclass to Hydra as a `model/net` choice, named
-    `name`, whose keys are its fields. The LightningModule and the tools build the network with
-    `network(vocab_size)`."""
+    `LSTMOptions`): lm/config.py offers every subclass (at any depth) to Hydra as a `model/net`
+    choice, named `name`, whose keys are its fields. The LightningModule and the tools build the
+    network with `network(vocab_size)`."""
 
     name: ClassVar[str]  # the choice: python train.py model/net=<name>
 
@@ -84,7 +84,12 @@ def network_options() -> dict[str, type[NetworkOptions]]:
 
     for module in pkgutil.iter_modules(lm.models.__path__):
         importlib.import_module(f"lm.models.{module.name}")
-    return {f"{c.__module__}.{c.__qualname__}": c for c in NetworkOptions.__subclasses__()}
+    return {f"{c.__module__}.{c.__qualname__}": c for c in _subclasses(NetworkOptions)}
+
+
+def _subclasses(cls: type) -> list[type]:
+    """Every class derived from `cls`, at any depth (MogrifierOptions extends LSTMOptions)."""
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 def network_problems(net: Mapping[str, Any], vocab_size: int | None = None) -> list[str]:

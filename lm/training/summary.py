@@ -24,23 +24,19 @@ log = logging.getLogger(__name__)
 
 
 def flops_per_token(net: nn.Module) -> float:
-    """Matrix-multiply FLOPs of one training token through `net` (lm.models.lstm.LSTMNetwork): the
+    """Matrix-multiply FLOPs of one training token through `net` (an LSTM network of lm/models): the
     forward pass, and twice that backward; 2 FLOPs per multiply-add.
 
     Counted from the built layers, so an `embedding_size` and tied weights count as they are: each
-    LSTM layer multiplies [x, h] (its input and hidden units) into 4 x hidden gates, and the full
-    softmax's decoder its input features into the vocabulary. NaN with the adaptive softmax (no
-    decoder): its cost per token depends on the targets; NaN too for the networks of other layers
-    (counted for nn.LSTM's only).
+    weight matrix of the recurrent layers multiplies once per token (an LSTM layer's [x, h] into
+    4 x hidden gates; a Mogrifier layer's Q and R too), and the full softmax's decoder its input
+    features into the vocabulary. NaN with the adaptive softmax (no decoder): its cost per token
+    depends on the targets; NaN too for a network without such layers (the xLSTM's blocks).
     """
-    if net.decoder is None or not all(isinstance(rnn, nn.LSTM) for rnn in getattr(net, "rnns", [None])):
+    if net.decoder is None or not hasattr(net, "rnns"):
         return math.nan
-    forward = 2 * net.decoder.in_features * net.decoder.out_features
-    for rnn in net.rnns:  # nn.LSTM modules, one layer each or several stacked
-        inputs = rnn.input_size
-        for _ in range(rnn.num_layers):
-            forward += 2 * (inputs + rnn.hidden_size) * 4 * rnn.hidden_size
-            inputs = rnn.hidden_size
+    matrices = [parameter for parameter in net.rnns.parameters() if parameter.dim() == 2]
+    forward = 2 * (net.decoder.weight.numel() + sum(matrix.numel() for matrix in matrices))
     return 3 * forward
 
 
@@ -80,7 +76,7 @@ def summary_table(summary: Summary, flops: float) -> str:
     trainable = summary.trainable_parameters
     flops_note = "matrix multiplies, forward and backward"
     if math.isnan(flops):
-        flops_figure, flops_note = "n/a", "counted for the LSTM with the full softmax"
+        flops_figure, flops_note = "n/a", "counted for the LSTM and Mogrifier with the full softmax"
     else:
         flops_figure = get_human_readable_count(int(flops))
     totals = [
