@@ -154,6 +154,7 @@ TINY_RUN = [
 ]
 # The other networks from their CPU presets, as small: TINY_RUN with these for its LSTM's key.
 TINY_NETWORKS = {
+    "mogrifier": ["model=mogrifier_cpu", "model.net.hidden_size=16", "model.net.embedding_size=16"],
     "xlstm": [
         "model=xlstm_cpu",
         "model.net.embedding_size=16",

@@ -155,6 +155,8 @@ def stop_and_resume(corpora, name: str, run: Path, signal_args: list[str], env: 
         ("accumulation", "batch", {"epoch": 2, "batch": 30}, f"at step {STEPS // 2 + 16} (epoch 2)"),
         ("nt_asgd", "validation", {"epoch": 4, "batch": 1}, f"at the end of epoch 4 (step {4 * ASGD_STEPS})"),
         ("nt_asgd", "step", {"step": 4 * ASGD_STEPS + 10}, f"at step {4 * ASGD_STEPS + 10} (epoch 5)"),
+        ("mogrifier", "step", {"step": STEPS + 37}, f"at step {STEPS + 37} (epoch 2)"),
+        ("mogrifier", "validation", {"epoch": 1, "batch": 3}, "at the end of epoch 1"),  # variable windows
         ("xlstm", "step", {"step": STEPS + 37}, f"at step {STEPS + 37} (epoch 2)"),
         ("xlstm", "validation", {"epoch": 1, "batch": 3}, f"at the end of epoch 1 (step {STEPS})"),
     ],

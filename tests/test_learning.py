@@ -18,6 +18,10 @@ NETWORKS = {
         {"_target_": "lm.models.lstm.LSTMOptions", "hidden_size": 32, "init_scale": 0.1},
         {"lr": 1.0, "decay_after": 2},
     ),
+    "mogrifier": (
+        {"_target_": "lm.models.mogrifier.MogrifierOptions", "hidden_size": 32, "init_scale": 0.1},
+        {"lr": 1.0, "decay_after": 2},
+    ),
     "xlstm": (
         {"_target_": "lm.models.xlstm.XLSTMOptions", "embedding_size": 32, "num_heads": 2},
         {"lr": 1.0, "decay_after": 2, "loss_average": "tokens"},

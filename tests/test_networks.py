@@ -17,6 +17,15 @@ from tests.conftest import quiet_trainer
 # A tiny instance of each network, every part of it on (dropout aside, which evaluation turns off).
 TINY = {
     "lstm": {"_target_": "lm.models.lstm.LSTMOptions", "hidden_size": 6, "num_layers": 2},
+    "mogrifier": {
+        "_target_": "lm.models.mogrifier.MogrifierOptions",
+        "hidden_size": 6,
+        "embedding_size": 4,
+        "tie_weights": True,
+        "num_layers": 2,
+        "rounds": 5,
+        "rank": 2,
+    },
     "xlstm": {
         "_target_": "lm.models.xlstm.XLSTMOptions",
         "embedding_size": 8,
