@@ -38,7 +38,7 @@ def test_the_dry_mode_runs_every_stage_and_leaves_what_the_device_tool_brings_ba
     log = (out / "gpu-check.log").read_text() if (out / "gpu-check.log").exists() else ""
     assert result.returncode == 0, result.stdout + result.stderr + log
     report = (out / "gpu-check.md").read_text()
-    for stage in ("environment", "GPU tests", "benchmark", "model=medium"):
+    for stage in ("environment", "GPU tests", "benchmark", "benchmark, Mogrifier and xLSTM", "model=medium"):
         assert f"| {stage} | passed |" in report
     # Every GPU test ran and skipped (no GPU in --dry), none failed: as many as pytest collects.
     gpu_tests = gpu_test_count()
@@ -46,7 +46,8 @@ def test_the_dry_mode_runs_every_stage_and_leaves_what_the_device_tool_brings_ba
     row = rf"\| GPU tests \| passed \| \d+ \| 0 passed, 0 failed, {gpu_tests} skipped; exit status 0 \|"
     assert re.search(row, report), report
     bench = json.loads((out / "bench.json").read_text())
-    jobs = [(preset, precision) for preset in gpu_check.PRESETS for precision in gpu_check.PRECISIONS]
+    presets = gpu_check.PRESETS + gpu_check.DRY_NETWORK_PRESETS
+    jobs = [(preset, precision) for preset in presets for precision in gpu_check.PRECISIONS]
     assert [(job["model"], job["precision"]) for job in bench] == jobs
     # bf16 where this CPU's LSTM has no bfloat16 kernel: skipped with the reason, not failed.
     skipped = [job for job in bench if "skipped" in job]

@@ -149,7 +149,7 @@ def test_a_diverging_run_stops_at_the_first_bad_step_and_keeps_the_last_good_che
         (
             "model=huge",
             "Available options in 'model':\n\tawd\n\tawd_cpu\n\tawd_wt2\n\tlarge\n\tlstm_wt103\n\tmedium"
-            "\n\tsmall",
+            "\n\tmogrifier\n\tmogrifier_cpu\n\tsmall\n\txlstm\n\txlstm_cpu",
         ),
         (
             "model.net.weight_drop=0.5x",
