@@ -1,6 +1,7 @@
 """Resuming exactly, preemption, divergence, other runs' folders and bad configuration."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lm.data.datamodule import PTBDataModule
 from lm.errors import UserError
 from lm.training.run_folder import prepare_run_folder
+from lm.training.safe_stop import TrainingCheckpoint
 from tests.conftest import (
     TINY_RUN,
     language_model,
@@ -237,3 +239,21 @@ def test_resuming_on_data_with_another_vocabulary_is_refused(corpus, tmp_path):
     assert result.returncode == 1
     assert "resume: the checkpoint's vocabulary" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_testing_the_best_checkpoint_leaves_the_runs_wall_clock_alone(tiny_corpus, tmp_path):
+    """Lightning restores the callbacks' state whenever it loads a checkpoint, the final test's
+    included: the clock must not take that checkpoint's time for an earlier process's (metrics.json's
+    wall_seconds was about twice the run's)."""
+    started = time.perf_counter()
+    checkpointing = TrainingCheckpoint(str(tmp_path / "checkpoints"))
+    datamodule = PTBDataModule(
+        dir=tiny_corpus, cache_dir=tmp_path / "cache", url="file:///nowhere", batch_size=4, num_steps=10
+    )
+    model = language_model(datamodule.vocab_size, hidden_size=8)
+    trainer = quiet_trainer(
+        max_epochs=1, limit_train_batches=5, limit_val_batches=2, callbacks=[checkpointing]
+    )
+    trainer.fit(model, datamodule=datamodule)
+    trainer.test(model, datamodule=datamodule, ckpt_path=checkpointing.last_path, weights_only=True)
+    assert 0 < checkpointing.wall_seconds <= time.perf_counter() - started

@@ -124,6 +124,7 @@ class TrainingCheckpoint(Checkpoint):
         self._clock = time.perf_counter()
         self._earlier_seconds = 0.0
         self._validation_metrics: dict[str, torch.Tensor] = {}  # from the checkpoint resumed
+        self._resuming = False  # whether the checkpoint being loaded resumes training
         self._previous: dict[int, object] = {}
 
     @property
@@ -264,6 +265,9 @@ class TrainingCheckpoint(Checkpoint):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._validation_metrics = checkpoint.get("validation_metrics", {})
+        # Lightning restores the callbacks' state, next, whenever it loads a checkpoint: also for the
+        # final test of the best one, which is no resume (its time is this process's own already).
+        self._resuming = trainer.state.fn == "fit"
 
     def state_dict(self) -> dict:
         return {**random_state(), "wall_seconds": self.wall_seconds, "earlier_seconds": self._earlier_seconds}
@@ -271,6 +275,8 @@ class TrainingCheckpoint(Checkpoint):
     def load_state_dict(self, state_dict: dict) -> None:
         """Resuming: the processes before this one took the saved wall time (none saved before
         the project wrote it: counted from this process on)."""
+        if not self._resuming:
+            return
         restore_random_state(state_dict)
         self._earlier_seconds = state_dict.get("wall_seconds", 0.0)
 
