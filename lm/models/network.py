@@ -9,7 +9,8 @@ more than their clusters), or of the whole vocabulary (the cache, generation).
 The state is what the network carries from one window to the next:
 - a list of tuples of tensors, each with the batch (the streams) in dimension 1, so that a rank's
   rows can be sliced out of it and the ranks' rows gathered into it;
-- None means zeros: the start of every epoch and of every evaluation pass;
+- None means the network's empty state (zeros, for most): the start of every epoch and of every
+  evaluation pass;
 - it is detached between windows (`map_state(torch.Tensor.detach, state)`: truncated BPTT) and
   moved with `map_state(lambda s: s.to(device), state)`; nothing else is done to it from outside.
 """
@@ -22,7 +23,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from lm.options import build, problems, refusal, refuse
+from lm.options import build, defaults, problems, refusal, refuse
 
 State = list[tuple[torch.Tensor, ...]]
 
@@ -99,9 +100,18 @@ def network_problems(net: Mapping[str, Any], vocab_size: int | None = None) -> l
     known = network_options()
     if target not in known:
         return [refusal("model.net._target_", target, f"the options of a network: {', '.join(known)}")]
-    lines = problems(known[target], net, "model.net")
+    options = known[target]
+    lines = problems(options, net, "model.net")
+    foreign = [key for key in net if not key.startswith("_") and key not in defaults(options)]
+    if foreign:  # most often a preset of another network (model=small: the LSTM's) under model/net=...
+        keys = ", ".join(f"model.net.{key}" for key in foreign)
+        lines.append(
+            f"{keys}: not options of model/net={options.name}, probably set by a preset of another network "
+            f"(the default model=small sets the LSTM's); take this network with one of its own presets "
+            f"instead: a conf/model/ file that says `override /model/net: {options.name}`."
+        )
     if not lines:  # each value of its field's type and rule: what they refuse together
-        lines = build(known[target], net).problems("model.net", vocab_size)
+        lines = build(options, net).problems("model.net", vocab_size)
     return lines
 
 
