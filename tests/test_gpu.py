@@ -141,6 +141,11 @@ def test_cudnn_gives_the_cpus_logits_losses_and_gradients(options, ieee_float32,
     cpu_model = language_model(VOCAB, hidden_size=32, init_scale=0.3, **options)
     gpu_model = language_model(VOCAB, hidden_size=32, init_scale=0.3, **options)
     gpu_model.load_state_dict(cpu_model.state_dict())
+    assert_the_gpu_gives_the_cpus(cpu_model, gpu_model, monkeypatch)
+
+
+def assert_the_gpu_gives_the_cpus(cpu_model: LanguageModel, gpu_model: LanguageModel, monkeypatch) -> None:
+    """Two windows' logits, losses and gradients of the same weights on the CPU and on the GPU."""
     ids = torch.randint(VOCAB, (4, 21), generator=torch.Generator().manual_seed(1))
     cpu_logits, cpu_losses, cpu_grads = two_windows_and_gradients(cpu_model, ids, CPU, monkeypatch)
     gpu_logits, gpu_losses, gpu_grads = two_windows_and_gradients(gpu_model, ids, CUDA, monkeypatch)
@@ -159,14 +164,7 @@ def test_every_other_network_gives_the_cpus_logits_losses_and_gradients(name, ie
     net = {**TINY[name], "dropout": 0.3}
     cpu_model, gpu_model = (LanguageModel(VOCAB, net, loss_average="tokens") for _ in range(2))
     gpu_model.load_state_dict(cpu_model.state_dict())
-    ids = torch.randint(VOCAB, (4, 21), generator=torch.Generator().manual_seed(1))
-    cpu_logits, cpu_losses, cpu_grads = two_windows_and_gradients(cpu_model, ids, CPU, monkeypatch)
-    gpu_logits, gpu_losses, gpu_grads = two_windows_and_gradients(gpu_model, ids, CUDA, monkeypatch)
-    assert gpu_logits.device.type == "cuda" and gpu_grads[0].device.type == "cuda"
-    assert_near(gpu_logits, cpu_logits, 1e-5)
-    assert_near(gpu_losses, cpu_losses, 1e-5)
-    for gpu_grad, cpu_grad in zip(gpu_grads, cpu_grads, strict=True):
-        assert_near(gpu_grad, cpu_grad, 3e-5)
+    assert_the_gpu_gives_the_cpus(cpu_model, gpu_model, monkeypatch)
 
 
 def test_weight_drop_on_cudnn_warns_nothing_and_leaves_the_weights_and_their_flat_buffer():

@@ -18,7 +18,7 @@ from torch import nn
 
 from lm.models.dropout import embedding_dropout, locked_dropout
 from lm.models.network import NetworkOptions, State
-from lm.models.softmax import AdaptiveSoftmax, FullSoftmax, HeadOptions
+from lm.models.softmax import HeadedNetwork, HeadOptions
 from lm.options import FRACTION, above, at_least, option
 
 
@@ -66,7 +66,7 @@ class LSTMOptions(HeadOptions, NetworkOptions):
         return self.head_problems(prefix, "hidden_size", self.hidden_size, self.tie_weights, vocab_size)
 
 
-class LSTMNetwork(nn.Module):
+class LSTMNetwork(HeadedNetwork):
     """Word-level LSTM network, keeping lm/models/network.py's contract; its options are
     `LSTMOptions`' (the embedding size, when tied, is the last layer's size: AWD-LSTM's 400 / 1150 /
     1150 / 400). The adaptive softmax's i-th tail cluster (ids from `cutoffs[i - 1]`) sits behind a
@@ -82,11 +82,7 @@ class LSTMNetwork(nn.Module):
         self.rnns = self._layers(sizes)
         self.output_size = last_size  # what the softmax, and the cache, read at each position
         # The head, under the names its weights have in checkpoints: `decoder` or `adaptive_softmax`.
-        self.decoder, self.adaptive_softmax = None, None
-        if o.softmax == "full":
-            self.decoder = o.head(last_size, vocab_size)
-        else:
-            self.adaptive_softmax = o.head(last_size, vocab_size)
+        self.set_head(o, last_size, vocab_size)
         if o.init == "uniform":  # Zaremba: every weight uniform in [-init_scale, init_scale]
             for parameter in self.parameters():
                 nn.init.uniform_(parameter, -o.init_scale, o.init_scale)
@@ -109,10 +105,6 @@ class LSTMNetwork(nn.Module):
         # Every layer of one size (one tied layer: embedding_size); `dropout` acts between layers only.
         return nn.ModuleList([nn.LSTM(sizes[0], sizes[0], o.num_layers, dropout=o.dropout, batch_first=True)])
 
-    @property
-    def softmax(self) -> FullSoftmax | AdaptiveSoftmax:
-        return self.decoder if self.decoder is not None else self.adaptive_softmax
-
     def features(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """The last layer's outputs (batch, steps, size), before output dropout, and the new state."""
         out = embedding_dropout(self.embedding, x, self.options.embedding_dropout, self.training)
@@ -127,22 +119,6 @@ class LSTMNetwork(nn.Module):
 
     def drop_output(self, features: torch.Tensor) -> torch.Tensor:
         return self.step_dropout(locked_dropout(features, self.options.output_dropout, self.training))
-
-    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """Logits (batch, steps, vocab) for token ids x (batch, steps); a None state means zeros."""
-        features, state = self.features(x, state)
-        return self.logits(self.drop_output(features)), state
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.softmax.logits(features)
-
-    def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.softmax.target_log_probs(features, targets)
-
-    def evaluate_targets(
-        self, features: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.softmax.evaluate_targets(features, targets)
 
     def _run(self, rnn: nn.LSTM, x: torch.Tensor, state: tuple[torch.Tensor, ...] | None):
         if not (self.training and self.options.weight_drop):

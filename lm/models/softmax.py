@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm.models.network import State
 from lm.options import above, option, refusal
 
 
@@ -73,6 +74,41 @@ def _increasing(cutoffs: list[int] | None, vocab_size: int | None) -> bool:
         return False
     increasing = cutoffs[0] >= 1 and all(a < b for a, b in pairwise(cutoffs))
     return increasing and (vocab_size is None or cutoffs[-1] < vocab_size)
+
+
+class HeadedNetwork(nn.Module):
+    """The part of lm/models/network.py's contract that every network's head answers: logits and
+    log-probabilities from the features, through its `decoder` (the full softmax) or its
+    `adaptive_softmax`, the names its weights have in checkpoints. A network sets its head with
+    `set_head`, and defines `features` and `drop_output`."""
+
+    decoder: "FullSoftmax | None"
+    adaptive_softmax: "AdaptiveSoftmax | None"
+
+    def set_head(self, options: HeadOptions, size: int, vocab_size: int) -> None:
+        head = options.head(size, vocab_size)
+        self.decoder = head if options.softmax == "full" else None
+        self.adaptive_softmax = None if options.softmax == "full" else head
+
+    @property
+    def softmax(self) -> "FullSoftmax | AdaptiveSoftmax":
+        return self.decoder if self.decoder is not None else self.adaptive_softmax
+
+    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Logits (batch, steps, vocab) for token ids x (batch, steps), and the new state."""
+        features, state = self.features(x, state)
+        return self.logits(self.drop_output(features)), state
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.softmax.logits(features)
+
+    def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.softmax.target_log_probs(features, targets)
+
+    def evaluate_targets(
+        self, features: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.softmax.evaluate_targets(features, targets)
 
 
 class FullSoftmax(nn.Linear):

@@ -21,7 +21,7 @@ from torch import nn
 
 from lm.models.dropout import embedding_dropout
 from lm.models.network import NetworkOptions, State
-from lm.models.softmax import AdaptiveSoftmax, FullSoftmax, HeadOptions
+from lm.models.softmax import HeadedNetwork, HeadOptions
 from lm.models.xlstm_cells import mlstm_chunkwise, slstm_steps
 from lm.options import FRACTION, above, at_least, option, refusal
 
@@ -105,7 +105,7 @@ class XLSTMOptions(HeadOptions, NetworkOptions):
         return round(self.proj_factor * self.embedding_size)
 
 
-class XLSTMNetwork(nn.Module):
+class XLSTMNetwork(HeadedNetwork):
     """Word-level xLSTM network, keeping lm/models/network.py's contract; its options are XLSTMOptions'.
     Blocks are pre-norm residual, and a last LayerNorm precedes the softmax."""
 
@@ -120,13 +120,7 @@ class XLSTMNetwork(nn.Module):
         self.dropout = nn.Dropout(o.dropout)
         self.output_dropout = nn.Dropout(o.output_dropout)
         self.output_size = o.embedding_size
-        # The head, under the names the LSTM's have: `decoder` or `adaptive_softmax`.
-        self.decoder: FullSoftmax | None = None
-        self.adaptive_softmax: AdaptiveSoftmax | None = None
-        if o.softmax == "full":
-            self.decoder = o.head(o.embedding_size, vocab_size)
-        else:
-            self.adaptive_softmax = o.head(o.embedding_size, vocab_size)
+        self.set_head(o, o.embedding_size, vocab_size)
         nn.init.uniform_(self.embedding.weight, -o.init_scale, o.init_scale)
         for name, parameter in self.softmax.named_parameters():
             if name.endswith("bias"):
@@ -135,10 +129,6 @@ class XLSTMNetwork(nn.Module):
                 nn.init.uniform_(parameter, -o.init_scale, o.init_scale)
         if o.tie_weights:
             self.decoder.weight = self.embedding.weight
-
-    @property
-    def softmax(self) -> FullSoftmax | AdaptiveSoftmax:
-        return self.decoder if self.decoder is not None else self.adaptive_softmax
 
     def features(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         out = self.dropout(
@@ -152,21 +142,6 @@ class XLSTMNetwork(nn.Module):
 
     def drop_output(self, features: torch.Tensor) -> torch.Tensor:
         return self.output_dropout(features)
-
-    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        features, state = self.features(x, state)
-        return self.logits(self.drop_output(features)), state
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.softmax.logits(features)
-
-    def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.softmax.target_log_probs(features, targets)
-
-    def evaluate_targets(
-        self, features: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.softmax.evaluate_targets(features, targets)
 
 
 def full_precision(t: torch.Tensor) -> torch.Tensor:
