@@ -47,7 +47,9 @@ def test_presets_compose_to_the_papers_values(preset):
 RECORDED_RUNS = {
     "ptb-small": ["model=small"],
     "ptb-awd-cpu": ["model=awd_cpu"],
+    "ptb-awd-cpu-xeon": ["model=awd_cpu"],
     "ptb-mogrifier-cpu": ["model=mogrifier_cpu"],
+    "ptb-xlstm-cpu": ["model=xlstm_cpu"],
     "ptb-small-adaptive": [
         "model=small",
         "model.net.softmax=adaptive",

@@ -81,7 +81,7 @@ def plot(
                 epochs, values = zip(*curves[tag], strict=True)
                 ax.plot(epochs, values, style, color=color, marker="o", markersize=3, label=f"{name} {label}")
     if reference is not None:
-        ax.axhline(reference, color="gray", linestyle=":", label=f"paper test {reference:g}")
+        ax.axhline(reference, color="gray", linestyle=":", label=f"test {reference:g} (reference)")
     ax.set_yscale("log")
     plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")  # 120, not 1.2 x 10^2
     ax.yaxis.set_major_formatter(plain)
@@ -105,7 +105,7 @@ def main() -> None:
     )
     parser.add_argument("folder", type=Path, help="a run folder, or a sweep folder holding several")
     parser.add_argument("--out", type=Path, help="image to write (default: FOLDER/curves.png)")
-    parser.add_argument("--reference", type=float, help="a perplexity to draw as a line, e.g. 114.5")
+    parser.add_argument("--reference", type=float, help="a test perplexity to draw: a paper's or a run's")
     parser.add_argument("--title", help="figure title (default: the folder)")
     args = parser.parse_args()
     print(plot(args.folder, args.out or args.folder / "curves.png", args.reference, args.title))
