@@ -11,15 +11,13 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ composes)
-from lm.data.text import EOS
+from lm.api import LanguageModel
 from lm.errors import exit_on_user_error
-from lm.evaluation.generation import sample
-from lm.evaluation.loading import load_model, pick_device
+from lm.evaluation.loading import pick_device
 from lm.evaluation.options import SamplingOptions
 from lm.options import defaults, problems, refuse
 
@@ -29,24 +27,12 @@ log = logging.getLogger("generate")
 def generate(cfg: DictConfig) -> list[str]:
     refuse(problems(SamplingOptions, {key: cfg[key] for key in defaults(SamplingOptions)}, ""))
     device = pick_device(cfg.device)
-    model = load_model(cfg.ckpt_path, device)
-    vocabulary = model.vocabulary
-    prompt = vocabulary.tokenizer.tokens(str(cfg.prompt))
-    unknown = vocabulary.unknown(prompt)
+    model = LanguageModel.load(cfg.ckpt_path, device)
+    prompt = str(cfg.prompt)
+    unknown = model.vocabulary.unknown(model.vocabulary.tokenizer.tokens(prompt))
     if unknown:
         log.warning("Not in the model's vocabulary, read as <unk>: %s", ", ".join(unknown))
-
-    generator = torch.Generator(device).manual_seed(cfg.seed)
-    ids = sample(
-        model.net,
-        vocabulary.encode([EOS, *prompt]).to(device),
-        cfg.num_words,
-        cfg.num_samples,
-        cfg.temperature,
-        cfg.top_k,
-        generator,
-    )
-    texts = [vocabulary.tokenizer.join(prompt + vocabulary.decode(row)) for row in ids.cpu()]
+    texts = model.generate(prompt, cfg.num_words, cfg.num_samples, cfg.temperature, cfg.top_k, cfg.seed)
     out = Path(HydraConfig.get().runtime.output_dir) / "samples.txt"
     out.write_text("".join(f"--- sample {i + 1}\n{text}\n" for i, text in enumerate(texts)))
     for i, text in enumerate(texts):

@@ -11,6 +11,8 @@ natural logs. Writes TSV (line, targets, log_prob, ppl, text) or JSON to `output
 import csv
 import io
 import logging
+import math
+from itertools import accumulate, pairwise
 from pathlib import Path
 
 import hydra
@@ -18,12 +20,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ composes)
+from lm.api import LanguageModel
 from lm.data.text import read_text, text_lines
 from lm.errors import UserError, exit_on_user_error
-from lm.evaluation.loading import load_model, pick_device
+from lm.evaluation.loading import pick_device
 from lm.evaluation.options import ScoreOptions
 from lm.evaluation.outputs import output_file, write_whole
-from lm.evaluation.scoring import line_log_probs, perplexity
+from lm.evaluation.scoring import perplexity
 from lm.json_output import json_text
 from lm.options import defaults, problems, refuse
 
@@ -44,8 +47,8 @@ def score(cfg: DictConfig) -> dict:
     lines = text_lines(read_text(path))
     if not lines:  # as evaluate.py: a file with no line has no target, not even an <eos>
         raise UserError(f"file={path} holds no token to score: it is empty.")
-    model = load_model(cfg.ckpt_path, device)
-    scores = line_log_probs(model.net, model.vocabulary, lines, cfg.carry_state, device)
+    model = LanguageModel.load(cfg.ckpt_path, device)
+    scores = line_scores(model, lines, cfg.carry_state)
     rows = [
         {
             "line": i + 1,
@@ -73,6 +76,16 @@ def score(cfg: DictConfig) -> dict:
         out,
     )
     return {"total": total, "lines": rows}
+
+
+def line_scores(model: LanguageModel, lines: list[str], carry_state: bool) -> list[tuple[int, float]]:
+    """(targets, log-probability) of each line: its tokens and its `<eos>`. With `carry_state` the
+    lines are one text, each read after the one before; without, each from a sentence start."""
+    if not carry_state:
+        return [(len(scored.log_probs), scored.log_prob) for scored in model.rescore(lines)]
+    log_probs = model.score("\n".join(lines)).log_probs
+    ends = accumulate(len(model.vocabulary.tokenizer.tokens(line)) + 1 for line in lines)
+    return [(end - start, math.fsum(log_probs[start:end])) for start, end in pairwise([0, *ends])]
 
 
 def scores_text(cfg: DictConfig, total: dict, rows: list[dict]) -> str:

@@ -12,7 +12,7 @@ from lm.data.options import DataOptions
 from lm.errors import UserError
 from lm.evaluation.cache import CacheOptions
 from lm.evaluation.dynamic_eval import DynamicEvalOptions
-from lm.evaluation.options import EvaluateOptions, SamplingOptions, ScoreOptions
+from lm.evaluation.options import EvaluateOptions, ExportOptions, SamplingOptions, ScoreOptions
 from lm.models.network import network_options
 from lm.options import defaults
 from lm.training.options import RunOptions, TrainingOptions
@@ -47,6 +47,7 @@ store.store(name="cache_options", node=defaults(CacheOptions))  # evaluate.py's 
 store.store(name="evaluate_options", node=defaults(EvaluateOptions))  # evaluate.py's split, chunk_length
 store.store(name="sampling_options", node=defaults(SamplingOptions))  # generate.py's
 store.store(name="score_options", node=defaults(ScoreOptions))  # score.py's carry_state, format
+store.store(name="export_options", node=defaults(ExportOptions))  # python -m lm.tools.export's
 
 # `${project_root:}` puts shared files (the PTB download, the token cache) under the repository
 # whatever directory a run starts from.

@@ -6,8 +6,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf.errors import MissingMandatoryValue
-
 
 class UserError(Exception):
     """A bad path, config value or input file; entry points print only its message and exit 1."""
@@ -23,7 +21,10 @@ def user_error_in(error: BaseException | None) -> UserError | None:
     while error is not None:
         if isinstance(error, UserError):
             return error
-        if isinstance(error, MissingMandatoryValue):
+        # Looked up, not imported: a model folder loads without Hydra, and where omegaconf was never
+        # imported none of its errors can exist.
+        omegaconf_errors = sys.modules.get("omegaconf.errors")
+        if omegaconf_errors and isinstance(error, omegaconf_errors.MissingMandatoryValue):
             key = error.full_key
             return UserError(f"{key} has no value (??? in the config); give one: {key}=VALUE.")
         error = error.__cause__ or error.__context__

@@ -1,6 +1,7 @@
 """Shared fixtures: the real PTB when present, small generated corpora, and train.py runs."""
 
 import dataclasses
+import json
 import os
 import random
 import subprocess
@@ -100,6 +101,22 @@ def checkpoint(tmp_path_factory) -> dict:
         "ckpt": root / "model.ckpt",
         "data": [f"data.dir={corpus}", f"data.cache_dir={root / 'cache'}"],
     }
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict:
+    """A word model trained by train.py on a text folder (data=text), with what it reported; once per
+    worker for the tools' tests (tests/test_apps.py, tests/test_export.py)."""
+    root = tmp_path_factory.mktemp("apps")
+    text = root / "text"
+    text.mkdir()
+    for split, (count, seed) in {"train": (2000, 0), "valid": (200, 1), "test": (200, 2)}.items():
+        (text / f"{split}.txt").write_text("".join(f"{line}\n" for line in random_lines(count, seed)))
+    data = ["data=text", f"data.dir={text}", f"data.cache_dir={root / 'cache'}"]
+    result = run_train(*TINY_RUN, *data, "trainer.max_epochs=3", f"hydra.run.dir={root / 'run'}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((root / "run" / "metrics.json").read_text())
+    return {"root": root, "data": data, "text": text, "metrics": metrics, "ckpt": metrics["best_checkpoint"]}
 
 
 @pytest.fixture(scope="session")

@@ -17,24 +17,9 @@ from lm.errors import UserError
 from lm.evaluation.generation import sample
 from lm.models.lstm import LSTMNetwork, LSTMOptions
 from score import score
-from tests.conftest import TINY_RUN, random_lines, run_script, run_train
+from tests.conftest import run_script
 from tests.test_adaptation import run_evaluate
 from tests.test_gpu import app_config
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    """A word model trained by train.py on a text folder (data=text), with what it reported."""
-    root = tmp_path_factory.mktemp("apps")
-    text = root / "text"
-    text.mkdir()
-    for split, (count, seed) in {"train": (2000, 0), "valid": (200, 1), "test": (200, 2)}.items():
-        (text / f"{split}.txt").write_text("".join(f"{line}\n" for line in random_lines(count, seed)))
-    data = ["data=text", f"data.dir={text}", f"data.cache_dir={root / 'cache'}"]
-    result = run_train(*TINY_RUN, *data, "trainer.max_epochs=3", f"hydra.run.dir={root / 'run'}")
-    assert result.returncode == 0, result.stdout + result.stderr
-    metrics = json.loads((root / "run" / "metrics.json").read_text())
-    return {"root": root, "data": data, "text": text, "metrics": metrics, "ckpt": metrics["best_checkpoint"]}
 
 
 def test_evaluate_gives_the_test_perplexity_train_reported(trained):
@@ -303,7 +288,7 @@ def test_score_refuses_an_unwritable_output_before_scoring(trained, tmp_path, mo
     # What a user without write permission sees there (root writes through chmod: no such folder for it).
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != out.parent and real_access(path, mode))
-    monkeypatch.setattr("score.load_model", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("score.LanguageModel.load", lambda *args: pytest.fail("the model was loaded"))
     with pytest.raises(UserError) as error:
         score(app_config("score", tmp_path / "run", *scored(trained), f"output={out}"))
     assert str(error.value) == (

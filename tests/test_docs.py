@@ -21,10 +21,11 @@ APPS = {
     ("generate.py",): "generate",
     ("score.py",): "score",
     ("-m", "lm.tools.bench"): "bench",
+    ("-m", "lm.tools.export"): "export",
 }
 # A doc snippet that may hold one of them; `bench` but not `bench_scale`.
 MENTIONS_APP = re.compile(
-    r"\bpython3?\s+(?:(?:train|evaluate|generate|score)\.py\b|-m\s+lm\.tools\.bench(?![\w.]))"
+    r"\bpython3?\s+(?:(?:train|evaluate|generate|score)\.py\b|-m\s+lm\.tools\.(?:bench|export)(?![\w.]))"
 )
 SHELL_SEPARATORS = {"&&", "||", ";", "|"}
 # Hydra's own command-line flags, which are not overrides; --info's topic is optional.

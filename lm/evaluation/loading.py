@@ -1,39 +1,47 @@
-"""A trained model back from its checkpoint: its network and vocabulary, or one clear error. The one
-module of lm/evaluation that reads a checkpoint (what one holds is lm/training/checkpoint.py's)."""
+"""A trained model back from a checkpoint or a model folder: its network and vocabulary, or one
+clear error. The one module of lm/evaluation that reads a checkpoint (what one holds is
+lm/training/checkpoint.py's); a model folder is lm/evaluation/model_folder.py's."""
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lm.data.vocabulary import Vocabulary
 from lm.errors import UserError
-from lm.models.network import Network, build_network
-from lm.training.checkpoint import network_node, read_checkpoint
+from lm.evaluation.model_folder import TrainedModel, read_model_folder, refuse_non_finite
+from lm.models.network import build_network
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainedModel:
-    """What using a model needs: the network (the average, for an NT-ASGD run) and its vocabulary."""
-
-    net: Network
-    vocabulary: Vocabulary
-
-
-def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> TrainedModel:
-    """The model of a `train.py` checkpoint, in evaluation mode on `device`."""
+def load_model(ckpt_path: str | Path, device: torch.device | str = "cpu") -> TrainedModel:
+    """The model of a `train.py` checkpoint or of a model folder, in evaluation mode on `device`."""
     path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        return read_model_folder(path).to(device)
     if not path.is_file():
-        raise UserError(f"ckpt_path={path} is not a file; give a .ckpt from a run's checkpoints/ folder.")
+        raise UserError(
+            f"ckpt_path={path} is neither a file nor a folder; give a .ckpt from a run's checkpoints/ "
+            "folder, or a model folder that python -m lm.tools.export wrote."
+        )
+    return read_checkpoint_model(path).to(device)
+
+
+def read_checkpoint_model(path: Path) -> TrainedModel:
+    # Imported here: lm.training needs Lightning, which a model folder must load without.
+    from lm.training.checkpoint import network_node, read_checkpoint
+
     try:
         checkpoint = read_checkpoint(path, "ckpt_path")  # refuses, in one line, a damaged or unsafe file
         net = build_network(network_node(checkpoint), checkpoint["hyper_parameters"]["vocab_size"])
         state = checkpoint["state_dict"]  # the network's weights are "net.*" (NT-ASGD: the average)
         weights = {key: value for key, value in state.items() if key.startswith("net.")}
-        _refuse_non_finite(weights, path)
+        refuse_non_finite(
+            weights,
+            f"ckpt_path={path}",
+            "use a checkpoint saved before they went bad, such as the run's best_checkpoint in metrics.json",
+        )
         net.load_state_dict({key.removeprefix("net."): value for key, value in weights.items()})
         if "vocabulary" not in checkpoint:
             raise UserError(
@@ -49,20 +57,7 @@ def load_model(ckpt_path: str, device: torch.device | str = "cpu") -> TrainedMod
             f"ckpt_path={path} cannot be read as a checkpoint of this project ({type(error).__name__}); "
             "give a .ckpt that train.py wrote, from a run's checkpoints/ folder."
         ) from None
-    return TrainedModel(net.to(device).eval(), vocabulary)
-
-
-def _refuse_non_finite(weights: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse weights that hold a NaN or an infinity: every sample and score would be NaN, or
-    torch.multinomial would stop with a traceback. train.py saves none (docs/troubleshooting.md,
-    Divergence), so such a file was saved by something else, or altered."""
-    bad = [key for key, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
-    if bad:
-        others = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise UserError(
-            f"ckpt_path={path} holds weights that are not finite (NaN or inf in {bad[0]}{others}): use "
-            "a checkpoint saved before they went bad, such as the run's best_checkpoint in metrics.json."
-        )
+    return TrainedModel(net.eval(), vocabulary)
 
 
 def pick_device(name: str) -> torch.device:

@@ -43,3 +43,15 @@ class ScoreOptions:
     """false: each line from a fresh state (for reranking); true: the state flows through the file."""
     format: Literal["tsv", "json"] = option("tsv")
     """The scores' format."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """python -m lm.tools.export's keys besides the checkpoint and the folder (docs/export.md)."""
+
+    onnx: bool = option(False)
+    """Also model.onnx: token ids and the state in, log-probabilities and the new state out."""
+    int8: bool = option(False)
+    """Also model.int8.onnx: model.onnx, its weights quantised to int8 by ONNX Runtime (needs onnx=true)."""
+    overwrite: bool = option(False)
+    """Write into an `out` that holds files: the model folder's own are replaced, others kept."""

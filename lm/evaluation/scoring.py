@@ -19,7 +19,7 @@ from lm.data.vocabulary import Vocabulary
 from lm.data.windows import WindowDataset
 from lm.evaluation.cache import NeuralCache
 from lm.evaluation.dynamic_eval import DynamicEvaluation
-from lm.models.network import Network, map_state
+from lm.models.network import Network, State, map_state
 
 
 def stream_pieces(ids: torch.Tensor, length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -48,10 +48,12 @@ def perplexity(nll: float, targets: int) -> float:
 
 @dataclass
 class Scores:
-    """Every target's natural-log probability (float64) and whether it was the likeliest token."""
+    """Every target's natural-log probability (float64), whether it was the likeliest token, and the
+    state after the stream (its last token not yet read: it is the next stream's first input)."""
 
     log_probs: torch.Tensor
     likeliest: torch.Tensor
+    state: State | None = None
 
     def perplexity(self) -> float:
         return perplexity(-self.log_probs.sum().item(), len(self.log_probs))
@@ -67,8 +69,10 @@ def score_stream(
     chunk_length: int = 200,
     dynamic: DynamicEvaluation | None = None,
     cache: NeuralCache | None = None,
+    state: State | None = None,
 ) -> Scores:
-    """The targets ids[1:] of `ids` read as one stream from a zero state, in evaluation mode.
+    """The targets ids[1:] of `ids` read as one stream from `state` (None: the empty state), in
+    evaluation mode.
 
     `chunk_length` tokens are scored at once: it changes the speed, not the scores. With
     `dynamic`, the stream goes in its segments instead, and the weights learn from each segment
@@ -76,7 +80,7 @@ def score_stream(
     cache, which then remembers the chunk; with both, the adapted model's are.
     """
     net.eval()
-    log_probs, likeliest, state = [], [], None
+    log_probs, likeliest = [], []
     length = dynamic.segment_length if dynamic else chunk_length
     with dynamic.adapting() if dynamic else torch.no_grad():
         for x, y in stream_pieces(ids, length):
@@ -96,21 +100,4 @@ def score_stream(
             if dynamic:  # only now, the segment scored, do the weights learn from it
                 mean_nll = -target_log_probs.mean() if cache is None else F.cross_entropy(logits[0], y[0])
                 dynamic.learn(mean_nll)
-    return Scores(torch.cat(log_probs), torch.cat(likeliest))
-
-
-def line_log_probs(
-    net: Network, vocabulary: Vocabulary, lines: list[str], carry_state: bool, device: torch.device
-) -> list[tuple[int, float]]:
-    """(targets, natural-log probability) of each line: its tokens and its `<eos>`, read after an
-    `<eos>`. With `carry_state` the lines are one stream and their sum is the log-probability of
-    the whole text as `text_ids` reads it; without, each line is a stream of its own."""
-    encoded = [vocabulary.encode([*vocabulary.tokenizer.tokens(line), EOS]) for line in lines]
-    eos = vocabulary.encode([EOS])
-    if carry_state:
-        scores = score_stream(net, torch.cat([eos, *encoded]), device).log_probs.split(
-            [len(e) for e in encoded]
-        )
-    else:
-        scores = [score_stream(net, torch.cat([eos, e]), device).log_probs for e in encoded]
-    return [(len(line_scores), line_scores.sum().item()) for line_scores in scores]
+    return Scores(torch.cat(log_probs), torch.cat(likeliest), state)
