@@ -97,8 +97,7 @@ class LanguageModel:
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "LanguageModel":
         """A model folder (python -m lm.tools.export) or a train.py checkpoint; `device` as the tools'
         device= option: cpu, cuda, cuda:N, or auto (the GPU when there is one)."""
-        device = pick_device(str(device))
-        return cls(load_model(path, device), device)
+        return cls(load_model(path), device)
 
     @property
     def vocabulary(self) -> Vocabulary:

@@ -30,10 +30,17 @@ def load_model(ckpt_path: str | Path, device: torch.device | str = "cpu") -> Tra
 
 def read_checkpoint_model(path: Path) -> TrainedModel:
     # Imported here: lm.training needs Lightning, which a model folder must load without.
-    from lm.training.checkpoint import network_node, read_checkpoint
+    from lm.training.checkpoint import read_checkpoint
+
+    # read_checkpoint refuses, in one line, a damaged or unsafe file.
+    return model_of_checkpoint(read_checkpoint(path, "ckpt_path"), path)
+
+
+def model_of_checkpoint(checkpoint: dict, path: Path) -> TrainedModel:
+    """The model in a checkpoint's contents (`read_checkpoint`'s), which `path` held."""
+    from lm.training.checkpoint import network_node
 
     try:
-        checkpoint = read_checkpoint(path, "ckpt_path")  # refuses, in one line, a damaged or unsafe file
         net = build_network(network_node(checkpoint), checkpoint["hyper_parameters"]["vocab_size"])
         state = checkpoint["state_dict"]  # the network's weights are "net.*" (NT-ASGD: the average)
         weights = {key: value for key, value in state.items() if key.startswith("net.")}

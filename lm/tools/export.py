@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import lm.config  # noqa: F401 (the option nodes and resolvers that conf/ composes)
 from lm.errors import UserError, exit_on_user_error
 from lm.evaluation import model_folder
-from lm.evaluation.loading import read_checkpoint_model
+from lm.evaluation.loading import model_of_checkpoint
 from lm.evaluation.model_folder import TrainedModel, write_model_folder
 from lm.evaluation.options import ExportOptions
 from lm.evaluation.outputs import check_folder
@@ -46,8 +46,8 @@ def export(cfg: DictConfig) -> Path:
     out = Path(str(cfg.out)).expanduser()
     _check_out(out, cfg.overwrite)
     check_folder(out, "out")
-    model = read_checkpoint_model(ckpt)
-    checkpoint = read_checkpoint(ckpt, "ckpt_path")
+    checkpoint = read_checkpoint(ckpt, "ckpt_path")  # once: the model and the card both come from it
+    model = model_of_checkpoint(checkpoint, ckpt)
     net_options = dict(network_node(checkpoint))
     if cfg.onnx:  # before anything is written: a network ONNX cannot take, or the extra missing
         onnx_graph = onnx_model(model, network_options()[net_options["_target_"]].name)

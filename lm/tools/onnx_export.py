@@ -151,10 +151,10 @@ class OnnxScorer:
     """An ONNX Runtime session of model.onnx (or model.int8.onnx) that scores a stream in windows,
     feeding each window's state outputs back as the next window's inputs."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path):
         ort = require("onnxruntime")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = torch.get_num_threads()  # as many as the eager model uses
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         metadata = self.session.get_modelmeta().custom_metadata_map
