@@ -115,6 +115,8 @@ def test_a_sweep_trains_each_run_on_two_spawned_processes(tiny, runs, tmp_path):
     jobs = sorted(p for p in tmp_path.glob("outputs/multirun/*/*/*") if p.is_dir())
     assert [job.name.split("_")[0] for job in jobs] == ["0", "1"]
     metrics = [json.loads((job / "metrics.json").read_text()) for job in jobs]
+    for job, job_metrics in zip(jobs, metrics, strict=True):  # a failed run: its error and log
+        assert job_metrics["status"] == "completed", f"{job_metrics}\n{(job / 'train.log').read_text()}"
     one = json.loads((runs["one"] / "metrics.json").read_text())  # hidden size 16 on one process
     assert metrics[0]["val_ppl"] == pytest.approx(one["val_ppl"], rel=TOLERANCE)
     assert metrics[0]["test_ppl"] == pytest.approx(one["test_ppl"], rel=TOLERANCE)
