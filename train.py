@@ -30,9 +30,9 @@ from lm.allocator import keep_freed_memory
 from lm.errors import exit_on_user_error, user_error_in
 from lm.json_output import json_text
 from lm.options import dotted, is_setting
+from lm.training.command_check import check_command
 from lm.training.continuation import continue_commands, finished_sweep_run, shell_word
 from lm.training.module import Diverged
-from lm.training.options import check_command
 from lm.training.run_folder import prepare_run_folder
 from lm.training.safe_stop import Interrupted, TrainingCheckpoint, fit_until_stopped
 from lm.training.throughput import TokensPerSecond

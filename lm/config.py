@@ -15,8 +15,8 @@ from lm.evaluation.dynamic_eval import DynamicEvalOptions
 from lm.evaluation.options import EvaluateOptions, ExportOptions, SamplingOptions, ScoreOptions
 from lm.models.network import network_options
 from lm.options import defaults
+from lm.training.continuation import hydra_subdir, resumed_run_folder
 from lm.training.options import RunOptions, TrainingOptions
-from lm.training.run_folder import hydra_subdir, resumed_run_folder
 
 
 def _devices_per_node(gpus: int | None, devices: object) -> int:

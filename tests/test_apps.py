@@ -135,6 +135,24 @@ def test_line_scores_add_up_to_the_log_probability_of_the_file(trained, tmp_path
         )
 
 
+@pytest.mark.parametrize("script, argument", [("score.py", "file="), ("generate.py", "prompt=the")])
+def test_scoring_and_generating_start_without_lightning(trained, tmp_path, script, argument):
+    """Lightning's import is some 2.5 s of a 4 s start here, and using a trained model needs none of it:
+    the configuration and the checkpoint are read without it."""
+    if argument == "file=":
+        argument += str(trained["text"] / "valid.txt")
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}  # -X importtime: each import, to stderr
+    result = run_script(
+        script, f"ckpt_path={trained['ckpt']}", argument, f"hydra.run.dir={tmp_path}", env=env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    imported = {
+        line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if "import time:" in line
+    }
+    assert "torch" in imported and "hydra" in imported
+    assert not {name for name in imported if name.split(".")[0] == "lightning"}
+
+
 def generated(trained, tmp_path, *overrides) -> tuple[list[str], str]:
     result = run_script(
         "generate.py", f"ckpt_path={trained['ckpt']}", f"hydra.run.dir={tmp_path}", *overrides

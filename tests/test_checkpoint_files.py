@@ -20,7 +20,8 @@ from torch.utils.serialization import config as serialization_config
 
 from lm.data.datamodule import PTBDataModule
 from lm.errors import UserError
-from lm.training.checkpoint import BestCheckpoint, read_checkpoint
+from lm.training.checkpoint import BestCheckpoint
+from lm.training.checkpoint_file import read_checkpoint
 from lm.training.checkpoint_io import WholeCheckpointIO
 from lm.training.safe_stop import TrainingCheckpoint
 from lm.training.trainer import build_trainer

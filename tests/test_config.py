@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from lm import PROJECT_ROOT
 from lm.errors import UserError
 from lm.options import dotted, is_setting
-from lm.training.checkpoint import run_config_now
+from lm.training.checkpoint_file import run_config_now
 from lm.training.trainer import trainer_arguments
 from tests.conftest import compose_config
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lm.errors import UserError
-from lm.training.options import check_command
+from lm.training.command_check import check_command
 from tests.conftest import TINY_RUN, compose_config, random_lines, run_train, write_corpus
 
 

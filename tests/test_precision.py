@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 import lm.training.trainer
 from lm.errors import Unsupported
 from lm.tools import bench
-from lm.training.options import check_command
+from lm.training.command_check import check_command
 from lm.training.trainer import cpu_runs_bf16_lstm
 from tests.conftest import TINY_RUN, compose_config, run_train
 from tests.test_config_checks import refused

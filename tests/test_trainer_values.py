@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from lm.data.datamodule import PTBDataModule
 from lm.data.windows import variable_lengths
 from lm.errors import UserError
-from lm.training.options import check_command
+from lm.training.command_check import check_command
 from lm.training.trainer import build_trainer
 from tests.conftest import TINY_RUN, compose_config, run_train
 from tests.test_config_checks import refused

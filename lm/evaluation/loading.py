@@ -1,6 +1,7 @@
 """A trained model back from a checkpoint or a model folder: its network and vocabulary, or one
 clear error. The one module of lm/evaluation that reads a checkpoint (what one holds is
-lm/training/checkpoint.py's); a model folder is lm/evaluation/model_folder.py's."""
+lm/training/checkpoint.py's; reading one, Lightning-free, lm/training/checkpoint_file.py's); a model
+folder is lm/evaluation/model_folder.py's."""
 
 import logging
 from pathlib import Path
@@ -11,6 +12,7 @@ from lm.data.vocabulary import Vocabulary
 from lm.errors import UserError
 from lm.evaluation.model_folder import TrainedModel, read_model_folder, refuse_non_finite
 from lm.models.network import build_network
+from lm.training.checkpoint_file import network_node, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +31,12 @@ def load_model(ckpt_path: str | Path, device: torch.device | str = "cpu") -> Tra
 
 
 def read_checkpoint_model(path: Path) -> TrainedModel:
-    # Imported here: lm.training needs Lightning, which a model folder must load without.
-    from lm.training.checkpoint import read_checkpoint
-
     # read_checkpoint refuses, in one line, a damaged or unsafe file.
     return model_of_checkpoint(read_checkpoint(path, "ckpt_path"), path)
 
 
 def model_of_checkpoint(checkpoint: dict, path: Path) -> TrainedModel:
     """The model in a checkpoint's contents (`read_checkpoint`'s), which `path` held."""
-    from lm.training.checkpoint import network_node
-
     try:
         net = build_network(network_node(checkpoint), checkpoint["hyper_parameters"]["vocab_size"])
         state = checkpoint["state_dict"]  # the network's weights are "net.*" (NT-ASGD: the average)

@@ -28,7 +28,7 @@ from lm.evaluation.outputs import check_folder
 from lm.models.network import network_options
 from lm.options import defaults, problems, refuse
 from lm.tools.onnx_export import onnx_model, quantize, write_onnx
-from lm.training.checkpoint import network_node, read_checkpoint
+from lm.training.checkpoint_file import network_node, read_checkpoint
 
 log = logging.getLogger("export")
 

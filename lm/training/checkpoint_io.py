@@ -19,7 +19,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.serialization import config as serialization_config
 
 from lm.errors import UserError
-from lm.training.checkpoint import read_checkpoint
+from lm.training.checkpoint_file import read_checkpoint
 from lm.training.continuation import resume_argument
 
 log = logging.getLogger(__name__)

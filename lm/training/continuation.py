@@ -1,6 +1,8 @@
-"""Going on after a stop: the commands a stopped run prints, and a sweep continued with
-`continue_sweep=true`, which keeps the runs that had ended and resumes the others in their folders
-(lm/training/run_folder.py decides which checkpoint each resumes from)."""
+"""Going on after a stop: the commands a stopped run prints, the folder and checkpoint `resume=`
+names, and a sweep continued with `continue_sweep=true`, which keeps the runs that had ended and
+resumes the others in their folders (lm/training/run_folder.py decides which checkpoint each resumes
+from). Without Lightning: conf/hydra/default.yaml's resolvers are here, and every entry point
+composes it (score.py and generate.py start without Lightning)."""
 
 import json
 import logging
@@ -13,6 +15,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from lm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +72,34 @@ def shell_word(argument: str) -> str:
     if shlex.quote(argument) == argument:
         return argument
     return f'"{argument}"' if not set(argument) & set('"$`\\!') else shlex.quote(argument)
+
+
+def resume_checkpoint(resume: str) -> Path:
+    """`resume=` names a run folder (its checkpoints/last.ckpt) or a checkpoint in its checkpoints/."""
+    path = Path(resume).expanduser().absolute()  # not resolve(): Hydra keeps symlinked paths as given
+    checkpoint = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    if not checkpoint.is_file() or checkpoint.parent.name != "checkpoints":
+        raise UserError(
+            f"resume={resume}: no {checkpoint} in a run's checkpoints/ folder. Give a run folder "
+            "(outputs/<date>/<time>) that holds checkpoints/last.ckpt, or one of its checkpoints/*.ckpt."
+        )
+    return checkpoint
+
+
+def hydra_subdir(resume: str | None, continue_sweep: bool, run_dir: str, now: str) -> str | None:
+    """Where Hydra writes a run's configuration: `.hydra/` at its first start, `.hydra/resumed-<now>/`
+    when it goes on, nowhere for a run that a continued sweep keeps as it is."""
+    earlier = continue_sweep and (Path(run_dir) / ".hydra").is_dir()
+    if earlier and (Path(run_dir) / "metrics.json").is_file():
+        return None
+    return f".hydra/resumed-{now}" if resume or earlier else ".hydra"
+
+
+def resumed_run_folder(resume: str | None, new_folder: str) -> str:
+    """The run folder: a resumed run's own, else `new_folder` (conf/hydra/default.yaml). A bad
+    `resume=` falls back to `new_folder`; `claim_run_folder` reports it as one line, before Hydra
+    writes anything."""
+    try:
+        return str(resume_checkpoint(resume).parent.parent) if resume else new_folder
+    except UserError:
+        return new_folder

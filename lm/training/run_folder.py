@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lm.errors import UserError, exit_on_user_error
 from lm.options import dotted, is_setting
-from lm.training.checkpoint import read_checkpoint, run_config_now
-from lm.training.continuation import resume_argument
+from lm.training.checkpoint_file import read_checkpoint, run_config_now
+from lm.training.continuation import resume_argument, resume_checkpoint
 from lm.training.trainer import slurm_job
 
 log = logging.getLogger(__name__)
@@ -50,37 +50,6 @@ class ClaimRunFolder(Callback):
     @exit_on_user_error
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         claim_sweep_folder(config, Path(str(config.hydra.sweep.dir)))
-
-
-def resume_checkpoint(resume: str) -> Path:
-    """`resume=` names a run folder (its checkpoints/last.ckpt) or a checkpoint in its checkpoints/."""
-    path = Path(resume).expanduser().absolute()  # not resolve(): Hydra keeps symlinked paths as given
-    checkpoint = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-    if not checkpoint.is_file() or checkpoint.parent.name != "checkpoints":
-        raise UserError(
-            f"resume={resume}: no {checkpoint} in a run's checkpoints/ folder. Give a run folder "
-            "(outputs/<date>/<time>) that holds checkpoints/last.ckpt, or one of its checkpoints/*.ckpt."
-        )
-    return checkpoint
-
-
-def hydra_subdir(resume: str | None, continue_sweep: bool, run_dir: str, now: str) -> str | None:
-    """Where Hydra writes a run's configuration: `.hydra/` at its first start, `.hydra/resumed-<now>/`
-    when it goes on, nowhere for a run that a continued sweep keeps as it is."""
-    earlier = continue_sweep and (Path(run_dir) / ".hydra").is_dir()
-    if earlier and (Path(run_dir) / "metrics.json").is_file():
-        return None
-    return f".hydra/resumed-{now}" if resume or earlier else ".hydra"
-
-
-def resumed_run_folder(resume: str | None, new_folder: str) -> str:
-    """The run folder: a resumed run's own, else `new_folder` (conf/hydra/default.yaml). A bad
-    `resume=` falls back to `new_folder`; `claim_run_folder` reports it as one line, before Hydra
-    writes anything."""
-    try:
-        return str(resume_checkpoint(resume).parent.parent) if resume else new_folder
-    except UserError:
-        return new_folder
 
 
 def prepare_run_folder(cfg: DictConfig, run_dir: Path) -> Path | None:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lm.errors import Unsupported, UserError
 from lm.options import refusal
-from lm.training.checkpoint import read_checkpoint
+from lm.training.checkpoint_file import read_checkpoint
 from lm.training.checkpoint_io import WholeCheckpointIO
 from lm.training.lightning_private import relaunches_the_command_line
 
