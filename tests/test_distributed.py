@@ -1,12 +1,16 @@
 """DDP on two CPU processes (gloo) against one process (docs/design.md, "Many devices")."""
 
 import json
+import os
+import random
+import socket
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import TINY_RUN, run_train, write_tiny_corpus
+from lm.training.trainer import build_trainer
+from tests.conftest import TINY_RUN, compose_config, run_train, write_tiny_corpus
 
 TWO_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 # Only the summation order of float32 sums differs (measured: 3e-6 at most); a rank reading the
@@ -125,3 +129,42 @@ def test_a_sweep_trains_each_run_on_two_spawned_processes(tiny, runs, tmp_path):
         assert job_metrics["epochs"] == 2 and job_metrics["train_tokens_per_sec"] > 0
         assert f"val_ppl{job_metrics['val_ppl']:.2f}" in job_metrics["best_checkpoint"]
         assert Path(job_metrics["best_checkpoint"]).parent == job / "checkpoints"
+
+
+PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")  # where the kernel takes port 0's ports from
+SPAWN = ("trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn")
+
+
+@pytest.fixture
+def no_port_set(monkeypatch):
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("STANDALONE_PORT", raising=False)
+
+
+def port_of(*overrides: str) -> str | None:
+    """The MASTER_PORT the processes of train.py's Trainer would meet on."""
+    build_trainer(compose_config(*overrides).trainer, logger=False)
+    return os.environ.get("MASTER_PORT")
+
+
+@pytest.mark.skipif(not PORT_RANGE.exists(), reason="the kernel's port range is Linux's")
+def test_the_processes_meet_below_the_range_any_socket_bound_to_port_0_may_take(no_port_set):
+    """Lightning's own MASTER_PORT is one that port 0 gave, and any socket bound to port 0 may take
+    it before the processes meet there (EADDRINUSE: seen once in CI, in the ddp_spawn sweep above)."""
+    port = int(port_of(*SPAWN))
+    assert 1024 <= port < int(PORT_RANGE.read_text().split()[0])
+
+
+@pytest.mark.skipif(not PORT_RANGE.exists(), reason="the kernel's port range is Linux's")
+def test_a_port_in_use_is_passed_over(no_port_set, monkeypatch):
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        taken = busy.getsockname()[1]
+        monkeypatch.setattr(random.SystemRandom, "sample", lambda self, ports, k: [taken, *ports[:3]])
+        assert port_of(*SPAWN) not in (None, str(taken))
+
+
+def test_a_port_already_set_is_kept_and_one_process_sets_none(no_port_set, monkeypatch):
+    assert port_of("trainer.accelerator=cpu", "trainer.devices=1") is None
+    monkeypatch.setenv("MASTER_PORT", "29500")  # the user's, or an earlier run's of the same sweep
+    assert port_of(*SPAWN) == "29500"

@@ -3,6 +3,8 @@
 import functools
 import logging
 import os
+import random
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
@@ -161,7 +163,43 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list[Callback] = (), **obj
         log.debug("Lightning refused the Trainer's arguments", exc_info=error)
         raise UserError(_refusal_by_lightning(trainer_cfg, arguments, callbacks, objects, error)) from error
     _refuse_to_relaunch_a_sweep(trainer)
+    _choose_main_port(trainer)
     return trainer
+
+
+def _choose_main_port(trainer: L.Trainer) -> None:
+    """The port where the processes of one machine meet (MASTER_PORT), below the kernel's ephemeral range.
+
+    Lightning's own choice binds port 0, lets it go, and binds it again seconds later, once the
+    processes have started (and again for the test and for each run of a sweep). Meanwhile any socket
+    bound to port 0 may get it, another run's gloo pairs say, and the run fails with EADDRINUSE: it
+    did so once in CI. The kernel gives out no port below its ephemeral range, so only a service
+    started on that very port could take it. A MASTER_PORT already set (by the user, a cluster, or an
+    earlier run of this sweep) is kept; so is Lightning's choice where this is not Linux.
+    """
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if (
+        trainer.world_size < 2
+        or trainer.num_nodes > 1
+        or type(environment) is not LightningEnvironment
+        or environment.creates_processes_externally
+        or {"MASTER_PORT", "STANDALONE_PORT"} & os.environ.keys()
+    ):
+        return
+    try:
+        lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    ports = range(max(1024, lowest_ephemeral - 16384), lowest_ephemeral)
+    # Not the `random` module: seed_everything has seeded it, and runs of one seed would pick one port.
+    for port in random.SystemRandom().sample(ports, min(20, len(ports))):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:  # in use
+                continue
+        os.environ["MASTER_PORT"] = str(port)
+        return
 
 
 def _refusal_by_lightning(
