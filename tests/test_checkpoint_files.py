@@ -1,6 +1,6 @@
 """Checkpoint files on disk: written whole or not at all, in their own folder and never through
 $TMPDIR, and read only when their checksums hold. A damaged, truncated or unwritable checkpoint is
-one line (lm/training/checkpoint.py's read_checkpoint, lm/training/checkpoint_io.py)."""
+one line (lm/training/checkpoint_file.py's read_checkpoint, lm/training/checkpoint_io.py)."""
 
 import errno
 import logging

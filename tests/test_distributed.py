@@ -137,7 +137,11 @@ SPAWN = ("trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_s
 
 @pytest.fixture
 def no_port_set(monkeypatch):
-    monkeypatch.delenv("MASTER_PORT", raising=False)
+    """No MASTER_PORT during the test, and as before after it: the one the Trainer sets would stay in
+    this worker's environment, for every later run it starts. Set first, so that the teardown
+    restores what was there (a delenv of an absent variable records nothing)."""
+    monkeypatch.setenv("MASTER_PORT", "")
+    monkeypatch.delenv("MASTER_PORT")
     monkeypatch.delenv("STANDALONE_PORT", raising=False)
 
 

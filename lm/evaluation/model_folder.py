@@ -78,6 +78,9 @@ def write_model_folder(folder: Path, net_options: dict, model: TrainedModel, car
     # save_model, not save_file: the tied decoder shares the embedding's storage, which save_file
     # refuses; save_model keeps one name of the two, and load_model ties them again.
     _safetensors().save_model(model.net, str(folder / WEIGHTS), metadata={"format": "pt"})
+    # safetensors writes its file for its owner alone (0600): readable as the folder's other files are,
+    # so that a folder shared with others loads for them too.
+    (folder / WEIGHTS).chmod((folder / CONFIG).stat().st_mode & 0o777)
     (folder / VOCABULARY).write_text("".join(f"{token}\n" for token in vocabulary.tokens), encoding="utf-8")
     (folder / CARD).write_text(card, encoding="utf-8")
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from lm.data.text import EOS, read_text
+from lm.data.text import read_text
 from lm.errors import UserError, exit_on_user_error
 from lm.evaluation.loading import load_model
 from lm.evaluation.model_folder import WEIGHTS
 from lm.evaluation.outputs import output_file, write_whole
-from lm.evaluation.scoring import perplexity, score_stream
+from lm.evaluation.scoring import perplexity, score_stream, text_ids
 from lm.json_output import json_text
 from lm.tools.export import INT8, ONNX
 from lm.tools.onnx_export import OnnxScorer
@@ -31,8 +31,7 @@ from lm.tools.onnx_export import OnnxScorer
 
 def bench(folder: Path, file: Path, tokens: int | None, window: int, rounds: int) -> dict:
     model = load_model(folder)
-    vocabulary = model.vocabulary
-    ids = vocabulary.encode([EOS, *vocabulary.tokenizer.piece_tokens(read_text(file))])
+    ids, _ = text_ids(read_text(file), model.vocabulary)
     if tokens is not None:
         ids = ids[: tokens + 1]
     if not (folder / ONNX).is_file():

@@ -134,7 +134,7 @@ def model_card(model: TrainedModel, net_options: dict, origin: dict) -> str:
     network = network_options()[net_options["_target_"]].name
     return f"""# {network} language model
 
-A word-level recurrent language model trained with lstm-lm (python train.py).
+A {model.vocabulary.tokenizer.level}-level recurrent language model trained with lstm-lm (python train.py).
 
 | | |
 |---|---|
